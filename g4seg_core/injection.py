@@ -1,0 +1,229 @@
+"""Explicit Mask Injection (EMI, paper §II-C1, Eq. 3-5): the attention math.
+
+Shared by the diffusers pipeline (`diffusers_patch.py`) and the ComfyUI patches
+(`nodes/attention_patch.py`): both hand us the projected q, k, v as [B, N, heads*d].
+
+Two modes:
+- "additive" (Eq. 5): softmax((QK^T + a*A) / sqrt(d)). Fused kernels add a float mask
+  *after* the 1/sqrt(d) scale, so the bias handed to SDPA is a*A/sqrt(d); the user's
+  weight `a` is on the Eq. 5 scale (before the 1/sqrt(d)).
+- "densediffusion": DenseDiffusion's value-range aware modulation of L = QK^T/sqrt(d):
+  L' = L + w (1 - s*area) [R (rowmax L - L) - (1 - R)(L - rowmin L)].
+Both modes touch only the rows of foreground queries (m[i] = 1), as Eq. 3-4 do: a
+background query's row of A is all zero. (For densediffusion this is our reading: applying
+the negative term to background rows would flatten their attention to uniform.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import emi_time_factor
+from .errors import G4SegError
+
+MODES = ("additive", "densediffusion", "off")
+# Bound on the logits block materialised by the densediffusion mode (elements).
+_DD_BLOCK_ELEMENTS = 1 << 25
+
+
+def grid_for_tokens(num_tokens: int, latent_h: int, latent_w: int) -> Tuple[int, int]:
+    """Token grid of a UNet block: the latent grid halved (rounding up) per level."""
+    h, w = int(latent_h), int(latent_w)
+    for _ in range(10):
+        if h * w == num_tokens:
+            return h, w
+        if h == 1 and w == 1:
+            break
+        h, w = (h + 1) // 2, (w + 1) // 2
+    raise G4SegError(
+        f"cannot place {num_tokens} attention tokens on the {latent_h}x{latent_w} latent grid: "
+        "this model's attention layout is not an SD1/SD2/SDXL UNet")
+
+
+def mask_to_tokens(mask: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Mask [H, W] -> binary float [gh*gw] (area average, then >= 0.5 as SPEC step 4)."""
+    if mask.dim() != 2:
+        raise G4SegError(f"injection mask must be [H, W], got shape {tuple(mask.shape)}")
+    small = F.interpolate(mask[None, None].float(), size=(gh, gw), mode="area")[0, 0]
+    return (small >= 0.5).float().flatten()
+
+
+def cross_attention_bias(mask_tokens: torch.Tensor, token_positions: Sequence[int],
+                         num_keys: int, weight: float) -> torch.Tensor:
+    """Eq. 3 times the weight: A[i, j] = 1 where m[i] = 1 and j is a class token."""
+    text = torch.zeros(num_keys, dtype=mask_tokens.dtype, device=mask_tokens.device)
+    positions = [p for p in token_positions if 0 <= p < num_keys]
+    if len(positions) != len(token_positions):
+        raise G4SegError(f"class token positions {list(token_positions)} fall outside the {num_keys} text keys")
+    text[positions] = 1.0
+    return weight * torch.outer(mask_tokens, text)
+
+
+def self_attention_bias(mask_tokens: torch.Tensor, weight: float) -> torch.Tensor:
+    """Eq. 4 times the weight: A[i, j] = 1 where m[i] = m[j] = 1."""
+    return weight * torch.outer(mask_tokens, mask_tokens)
+
+
+def _relation(kind: str, mask_tokens: torch.Tensor, token_positions: Sequence[int], num_keys: int) -> torch.Tensor:
+    if kind == "cross":
+        return cross_attention_bias(mask_tokens, token_positions, num_keys, 1.0) > 0.5
+    if kind == "self":
+        return self_attention_bias(mask_tokens, 1.0) > 0.5
+    raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
+
+
+def densediffusion_strength(weight: float, area_scale: float, mask_tokens: torch.Tensor) -> float:
+    """w (1 - s*area), area = foreground fraction of the block's grid (DenseDiffusion's size term)."""
+    area = float(mask_tokens.float().mean())
+    return weight * max(0.0, 1.0 - area_scale * area)
+
+
+def _modulate_rows(logits: torch.Tensor, relation: torch.Tensor, strength: float,
+                   row_mask: torch.Tensor) -> torch.Tensor:
+    rows = (row_mask > 0.5).to(logits.dtype)[:, None]
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_min = logits.amin(dim=-1, keepdim=True)
+    push = torch.where(relation, row_max - logits, row_min - logits)
+    return logits + strength * rows * push
+
+
+def densediffusion_modulate(logits: torch.Tensor, relation: torch.Tensor, weight: float,
+                            area_scale: float, mask_tokens: torch.Tensor) -> torch.Tensor:
+    """DenseDiffusion's modulation of scaled logits [..., Nq, Nk] on foreground query rows.
+
+    `mask_tokens` [Nq] (the whole grid) gives the rows to modulate and the area term;
+    `relation` [Nq, Nk] is the 0/1 relation R.
+    """
+    strength = densediffusion_strength(weight, area_scale, mask_tokens)
+    return _modulate_rows(logits, relation, strength, mask_tokens)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, inner = x.shape
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads))
+    return _merge_heads(out)
+
+
+def _additive(q, k, v, heads, bias):
+    d = q.shape[-1] // heads
+    attn_mask = (bias / math.sqrt(d)).to(q.dtype)[None, None]
+    out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
+                                         attn_mask=attn_mask)
+    return _merge_heads(out)
+
+
+def _densediffusion(q, k, v, heads, relation, weight, area_scale, mask_tokens):
+    qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    b, h, nq, d = qh.shape
+    nk = kh.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    # Rows are independent (row max/min, softmax), so query chunks give the exact result.
+    chunk = max(1, min(nq, _DD_BLOCK_ELEMENTS // max(1, b * h * nk)))
+    strength = densediffusion_strength(weight, area_scale, mask_tokens)
+    out = torch.empty_like(qh)
+    for start in range(0, nq, chunk):
+        stop = min(nq, start + chunk)
+        logits = torch.matmul(qh[:, :, start:stop].float(), kh.float().transpose(-1, -2)) * scale
+        logits = _modulate_rows(logits, relation[start:stop], strength, mask_tokens[start:stop])
+        out[:, :, start:stop] = torch.matmul(logits.softmax(dim=-1), vh.float()).to(out.dtype)
+    return _merge_heads(out)
+
+
+def injected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, kind: str,
+                       mask_tokens: torch.Tensor, token_positions: Sequence[int] = (), mode: str = "additive",
+                       weight: float = 1.0, area_scale: float = 1.0,
+                       apply_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention over projected q, k, v [B, N, heads*d] with the mask injected.
+
+    `apply_to` is a bool [B] choosing the batch rows to modulate (the conditional half
+    under CFG); other rows get plain attention. Returns [B, Nq, heads*d].
+    """
+    if mode not in MODES:
+        raise G4SegError(f"EMI mode {mode!r}: choose one of {MODES}")
+    if q.shape[-1] % heads:
+        raise G4SegError(f"query width {q.shape[-1]} is not divisible by {heads} heads")
+    nq, nk = q.shape[1], k.shape[1]
+    if mask_tokens.numel() != nq:
+        raise G4SegError(f"mask has {mask_tokens.numel()} tokens but the attention has {nq} queries")
+    mask_tokens = mask_tokens.to(device=q.device, dtype=torch.float32)
+    if mode == "off" or weight == 0 or not bool((mask_tokens > 0.5).any()):
+        return plain_attention(q, k, v, heads)
+    rows = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if apply_to is None \
+        else apply_to.to(device=q.device, dtype=torch.bool)
+    if not bool(rows.any()):
+        return plain_attention(q, k, v, heads)
+
+    def modulated(qs, ks, vs):
+        if mode == "additive":
+            if kind == "cross":
+                bias = cross_attention_bias(mask_tokens, token_positions, nk, weight)
+            elif kind == "self":
+                bias = self_attention_bias(mask_tokens, weight)
+            else:
+                raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
+            return _additive(qs, ks, vs, heads, bias)
+        relation = _relation(kind, mask_tokens, token_positions, nk)
+        return _densediffusion(qs, ks, vs, heads, relation, weight, area_scale, mask_tokens)
+
+    if bool(rows.all()):
+        return modulated(q, k, v)
+    out = torch.empty_like(q)
+    out[rows] = modulated(q[rows], k[rows], v[rows])
+    out[~rows] = plain_attention(q[~rows], k[~rows], v[~rows], heads)
+    return out
+
+
+@dataclass
+class InjectionSettings:
+    """Everything a patched attention layer needs, shared by all layers of one model."""
+
+    mask: torch.Tensor  # [H, W] probabilities (any resolution; resized per block)
+    token_positions: Sequence[int]
+    mode: str = "densediffusion"
+    cross_weight: float = 1.0
+    self_weight: float = 0.3
+    area_scale: float = 1.0
+    schedule: str = "constant"
+    _tokens: Dict[Tuple[int, int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise G4SegError(f"EMI mode {self.mode!r}: choose one of {MODES}")
+        if not torch.isfinite(self.mask).all():
+            raise G4SegError("the injection mask contains NaN or infinite values: clean the mask first")
+
+    def weights_at(self, timestep: float) -> Tuple[float, float]:
+        factor = emi_time_factor(self.schedule, timestep)
+        return self.cross_weight * factor, self.self_weight * factor
+
+    def tokens_for(self, num_tokens: int, latent_h: int, latent_w: int, device=None) -> torch.Tensor:
+        gh, gw = grid_for_tokens(num_tokens, latent_h, latent_w)
+        return self.tokens_for_grid(gh, gw, device)
+
+    def tokens_for_grid(self, gh: int, gw: int, device=None) -> torch.Tensor:
+        key = (gh, gw, str(device))
+        if key not in self._tokens:
+            self._tokens[key] = mask_to_tokens(self.mask.float().cpu(), gh, gw).to(device)
+        return self._tokens[key]
+
+    def attention(self, q, k, v, heads: int, *, kind: str, timestep: float, mask_tokens: torch.Tensor,
+                  apply_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cross_w, self_w = self.weights_at(timestep)
+        return injected_attention(q, k, v, heads, kind=kind, mask_tokens=mask_tokens,
+                                  token_positions=self.token_positions, mode=self.mode,
+                                  weight=cross_w if kind == "cross" else self_w,
+                                  area_scale=self.area_scale, apply_to=apply_to)
