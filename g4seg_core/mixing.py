@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .config import DIRECTIONS
-from .correspondence import grid_match_to_pixels, match_features, resample_features
+from .correspondence import grid_match_to_pixels, match_features, match_upsampled_features, resample_features
 from .errors import G4SegError
 
 
@@ -60,15 +60,15 @@ def correspondence_for(orig_feats: torch.Tensor, gen_feats: torch.Tensor, out_hw
     """Match at the feature grid, carry to pixels. Returns (grid match [h, w], pixel delta [H, W])."""
     if direction not in DIRECTIONS:
         raise G4SegError(f"direction={direction!r}: choose one of {DIRECTIONS}")
-    orig_feats = resample_features(orig_feats, grid)
-    gen_feats = resample_features(gen_feats, grid)
     if orig_feats.shape != gen_feats.shape:
         raise G4SegError(f"original and generated features differ in shape: {tuple(orig_feats.shape)} vs "
                          f"{tuple(gen_feats.shape)}: extract both at the same size")
-    if direction == "original_to_generated":
-        match = match_features(orig_feats, gen_feats)  # where each original location's content went
+    # original_to_generated: where each original location's content went; the other is Eq. 8 literally
+    query, ref = (orig_feats, gen_feats) if direction == "original_to_generated" else (gen_feats, orig_feats)
+    if grid and grid >= max(query.shape[-2:]):
+        match = match_upsampled_features(query, ref, grid)  # same result, far fewer operations
     else:
-        match = match_features(gen_feats, orig_feats)  # Eq. 8 literally
+        match = match_features(resample_features(query, grid), resample_features(ref, grid))
     return match, grid_match_to_pixels(match, int(out_hw[0]), int(out_hw[1]))
 
 
