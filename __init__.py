@@ -11,8 +11,8 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # g4seg_core sits next to this file
-    sys.path.insert(0, _HERE)
+if _HERE not in sys.path:  # g4seg_core sits next to this file; appended so it shadows nothing
+    sys.path.append(_HERE)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

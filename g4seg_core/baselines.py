@@ -26,12 +26,12 @@ from .metrics import grey_dilate_disk, grey_erode_disk
 
 __all__ = ["Refiner", "REFINER_NAMES", "make_refiner", "compose", "identity_refiner",
            "densecrf_refiner", "morphology_refiner", "guided_refiner", "g4seg_refiner",
-           "guided_filter", "box_filter"]
+           "guided_filter", "box_filter", "BASE_REFINERS", "needs_pipeline", "needs_crf"]
 
 Refiner = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
 REFINER_NAMES = ("none", "densecrf", "morphology", "guided", "g4seg", "g4seg+densecrf")
-_BASE = ("none", "densecrf", "morphology", "guided", "g4seg")
+BASE_REFINERS = ("none", "densecrf", "morphology", "guided", "g4seg")
 
 
 def _prob(prob) -> np.ndarray:
@@ -74,22 +74,39 @@ def morphology_refiner(radius: Optional[int] = None, radius_ratio: float = 0.005
 
 
 def box_filter(x: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window clipped to the image, for [H, W] or [H, W, C] (float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    squeeze = x.ndim == 2
-    if squeeze:
-        x = x[..., None]
-    h, w = x.shape[:2]
-    ii = np.zeros((h + 1, w + 1, x.shape[2]), dtype=np.float64)
-    np.cumsum(np.cumsum(x, axis=0), axis=1, out=ii[1:, 1:])
-    y0 = np.clip(np.arange(h) - r, 0, h)
-    y1 = np.clip(np.arange(h) + r + 1, 0, h)
-    x0 = np.clip(np.arange(w) - r, 0, w)
-    x1 = np.clip(np.arange(w) + r + 1, 0, w)
-    s = ii[y1][:, x1] - ii[y0][:, x1] - ii[y1][:, x0] + ii[y0][:, x0]
-    n = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).astype(np.float64)
-    out = s / n[..., None]
-    return out[..., 0] if squeeze else out
+    """Mean over a (2r+1)^2 window clipped to the image, for [H, W] or [H, W, C] (float64).
+
+    Separable running sums (cumulative sums along each axis), O(HW) for any radius.
+    """
+    out = np.asarray(x, dtype=np.float64)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        shape = list(out.shape)
+        shape[axis] = n + 1
+        cs = np.zeros(shape, dtype=np.float64)
+        idx = [slice(None)] * out.ndim
+        idx[axis] = slice(1, None)
+        np.cumsum(out, axis=axis, out=cs[tuple(idx)])
+        lo = np.clip(np.arange(n) - r, 0, n)
+        hi = np.clip(np.arange(n) + r + 1, 0, n)
+        count = (hi - lo).astype(np.float64)
+        count_shape = [1] * out.ndim
+        count_shape[axis] = n
+        out = (np.take(cs, hi, axis=axis) - np.take(cs, lo, axis=axis)) / count.reshape(count_shape)
+    return out
+
+
+def _solve3(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Solve m x = v for a field of 3x3 systems (Cramer's rule; m is SPD here)."""
+    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    A, B, C = e * i - f * h, f * g - d * i, d * h - e * g
+    D, E, F = c * h - b * i, a * i - c * g, b * g - a * h
+    G, H, I = b * f - c * e, c * d - a * f, a * e - b * d
+    det = a * A + b * B + c * C
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    return np.stack([A * x + D * y + G * z, B * x + E * y + H * z, C * x + F * y + I * z], -1) / det[..., None]
 
 
 def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
@@ -106,7 +123,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     sigma = box_filter(outer, radius).reshape(h, w, 3, 3)
     sigma -= mean_I[..., :, None] * mean_I[..., None, :]
     sigma += eps * np.eye(3)
-    a = np.linalg.solve(sigma, cov_Ip[..., None])[..., 0]   # [H, W, 3]
+    a = _solve3(sigma, cov_Ip)                               # [H, W, 3]
     b = mean_p - np.einsum("hwc,hwc->hw", a, mean_I)
     mean_a = box_filter(a, radius)
     mean_b = box_filter(b, radius)
@@ -129,13 +146,44 @@ def guided_refiner(radius: Optional[int] = None, radius_ratio: float = 0.015,
 
 
 def g4seg_refiner(pipeline, config=None) -> Refiner:
-    """G4Seg itself: ``pipeline.refine(image, prob, label, config).prob``."""
+    """G4Seg itself: ``pipeline.refine(image, prob, label, config).prob``.
+
+    Consecutive calls with the same image object share the image's VAE latent and CLIP
+    features (``context=``), and a repeated (image, label, prob) returns the cached
+    result, so ``g4seg`` and ``g4seg+densecrf`` in one evaluation run G4Seg once per class.
+    An empty or full map has no boundary to refine and is returned unchanged.
+    """
     if pipeline is None:
-        raise G4SegError("the g4seg refiner needs a G4SegPipeline: give --checkpoint (or --tiny for a smoke test)")
+        raise G4SegError("the g4seg refiner needs a G4SegPipeline: give --checkpoint (or --selfcheck for a smoke test)")
+    import inspect
+    import zlib
+
+    try:
+        takes_context = "context" in inspect.signature(pipeline.refine).parameters
+    except (TypeError, ValueError):
+        takes_context = False
+    state = {"image": None, "context": None, "results": {}}
 
     def refine(image, prob, label):
-        result = pipeline.refine(image, _prob(prob), label, config)
-        return np.asarray(result.prob, dtype=np.float32)
+        p = _prob(prob)
+        if p.size == 0 or float(p.max()) <= 0.0 or float(p.min()) >= 1.0:
+            return p.copy()
+        if state["image"] is not image:  # a new image: drop the per-image caches
+            state.update(image=image, context=None, results={})
+        key = (label, p.shape, zlib.crc32(np.ascontiguousarray(p).tobytes()))
+        if key in state["results"]:
+            return state["results"][key].copy()
+        if takes_context:
+            if state["context"] is None and hasattr(pipeline, "prepare_image"):
+                from .config import G4SegConfig
+
+                state["context"] = pipeline.prepare_image(image, config or G4SegConfig())
+            result = pipeline.refine(image, p, label, config, context=state["context"])
+        else:
+            result = pipeline.refine(image, p, label, config)
+        out = np.asarray(result.prob, dtype=np.float32)
+        state["results"][key] = out
+        return out.copy()
     refine.__name__ = "g4seg"
     return refine
 
@@ -152,13 +200,22 @@ def compose(*refiners: Refiner) -> Refiner:
 
 
 def make_refiner(name: str, pipeline=None, config=None,
-                 options: Optional[Mapping[str, Dict]] = None) -> Refiner:
-    """Build a refiner by name (see module doc); ``options[base_name]`` are its kwargs."""
+                 options: Optional[Mapping[str, Dict]] = None,
+                 shared: Optional[Dict[str, Refiner]] = None) -> Refiner:
+    """Build a refiner by name (see module doc); ``options[base_name]`` are its kwargs.
+
+    ``shared``: a dict reused across calls so that chains share one instance of each
+    base refiner (e.g. the g4seg step of ``g4seg`` and ``g4seg+densecrf``, whose
+    per-image cache then runs G4Seg once).
+    """
     options = dict(options or {})
     parts = [p.strip().lower() for p in str(name).split("+")]
     built = []
     for part in parts:
         kw = dict(options.get(part, {}))
+        if shared is not None and part in shared:
+            built.append(shared[part])
+            continue
         if part == "none":
             built.append(identity_refiner())
         elif part == "densecrf":
@@ -170,8 +227,10 @@ def make_refiner(name: str, pipeline=None, config=None,
         elif part == "g4seg":
             built.append(g4seg_refiner(pipeline, config))
         else:
-            raise G4SegError(f"unknown refiner {part!r} in {name!r}: choose from {', '.join(_BASE)} "
+            raise G4SegError(f"unknown refiner {part!r} in {name!r}: choose from {', '.join(BASE_REFINERS)} "
                              "or chain them with '+', e.g. g4seg+densecrf")
+        if shared is not None:
+            shared[part] = built[-1]
     if len(built) == 1:
         return built[0]
     return compose(*built)

@@ -13,7 +13,9 @@
        The disk radius shrinks with the remaining IoU gap (at most ~3 % of the object
        area per step), so the result lands just under the target (typically within
        0.02).
-  Output is binary (0/1). An empty ground truth gives an empty mask.
+  Output is binary (0/1). An empty ground truth gives an empty mask. ``valid=`` restricts
+  the IoU to non-ignored pixels (``g4seg eval`` passes ``labels != 255``), so the target
+  holds for the IoU the evaluation will measure.
 - ``dilate-<px>`` / ``erode-<px>``: binary dilation / erosion by a Euclidean disk of
   radius px (``dilate-5``, ``dilate-10``, ``dilate-20``; the image edge does not erode).
 - ``lowres-<k>``: the ground truth area-downsampled k times (``lowres-8``,
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -121,11 +123,18 @@ def _contour_pixels(mask: np.ndarray) -> np.ndarray:
 
 
 def perturb_to_iou(gt, target: float, seed: int = 0, max_steps: int = 20000,
-                   simplify: bool = True) -> np.ndarray:
-    """Binary coarse mask with IoU(coarse, gt) just below ``target`` (see module doc)."""
+                   simplify: bool = True, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """Binary coarse mask with IoU(coarse, gt) just below ``target`` (see module doc).
+
+    ``valid``: pixels the IoU is measured on (e.g. ``labels != 255``), so the target
+    holds for the metric that will be computed; default all.
+    """
     g = _to_bool(gt)
     rng = np.random.default_rng(seed)
-    area = int(np.count_nonzero(g))
+    v = np.ones(g.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if v.shape != g.shape:
+        raise G4SegError(f"valid mask {v.shape} and ground truth {g.shape} differ in size")
+    area = int(np.count_nonzero(g & v))
     if area == 0:
         return np.zeros(g.shape, dtype=bool)
     h, w = g.shape
@@ -133,12 +142,12 @@ def perturb_to_iou(gt, target: float, seed: int = 0, max_steps: int = 20000,
     if simplify:
         factor = float(rng.uniform(0.04, 0.10)) * math.sqrt(area)
         cand = simplify_contour(g, factor, rng)
-        inter = int(np.count_nonzero(cand & g))
-        union = int(np.count_nonzero(cand | g))
+        inter = int(np.count_nonzero(cand & g & v))
+        union = int(np.count_nonzero((cand | g) & v))
         if union and inter / union >= target + 0.02:
             cur = cand
-    inter = int(np.count_nonzero(cur & g))
-    union = int(np.count_nonzero(cur | g))
+    inter = int(np.count_nonzero(cur & g & v))
+    union = int(np.count_nonzero((cur | g) & v))
     r_cap = max(1.0, math.sqrt(2 * 0.03 * area / math.pi))
     for _ in range(max_steps):
         value = inter / union if union else 1.0
@@ -160,23 +169,27 @@ def perturb_to_iou(gt, target: float, seed: int = 0, max_steps: int = 20000,
         disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
         win = cur[y0:y1, x0:x1]
         gwin = g[y0:y1, x0:x1]
-        before_i = int(np.count_nonzero(win & gwin))
-        before_u = int(np.count_nonzero(win | gwin))
+        vwin = v[y0:y1, x0:x1]
+        before_i = int(np.count_nonzero(win & gwin & vwin))
+        before_u = int(np.count_nonzero((win | gwin) & vwin))
         new = win | disk if grow else win & ~disk
-        inter += int(np.count_nonzero(new & gwin)) - before_i
-        union += int(np.count_nonzero(new | gwin)) - before_u
+        inter += int(np.count_nonzero(new & gwin & vwin)) - before_i
+        union += int(np.count_nonzero((new | gwin) & vwin)) - before_u
         cur[y0:y1, x0:x1] = new
     return cur
 
 
-def make_coarse(gt, protocol: str, seed: int = 0) -> np.ndarray:
-    """A synthetic coarse probability map (float32 [H, W] in [0, 1]) from a GT mask."""
+def make_coarse(gt, protocol: str, seed: int = 0, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """A synthetic coarse probability map (float32 [H, W] in [0, 1]) from a GT mask.
+
+    ``valid`` (perturb only): the pixels the IoU target is measured on (not ignored).
+    """
     kind, value = parse_protocol(protocol)
     g = _to_bool(gt)
     if kind == "gt":
         out = g
     elif kind == "perturb":
-        out = perturb_to_iou(g, float(value), seed=seed)
+        out = perturb_to_iou(g, float(value), seed=seed, valid=valid)
     elif kind == "dilate":
         out = dilate_disk(g, int(value))
     elif kind == "erode":

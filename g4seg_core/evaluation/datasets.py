@@ -111,6 +111,7 @@ class LoadedSample:
     coarse: Dict[int, np.ndarray]     # class -> float32 [H, W], the classes to refine
     image_path: str
     gt_path: str
+    labels: Dict[int, str] = field(default_factory=dict)  # class -> prompt name
 
 
 class VOCStyleDataset:
@@ -262,7 +263,8 @@ class VOCStyleDataset:
         coarse: Dict[int, np.ndarray] = {}
         if self.protocol is not None:
             for c in gt_classes:
-                coarse[c] = make_coarse(gt == c, self.protocol, derive_seed(self.seed, sid, c))
+                coarse[c] = make_coarse(gt == c, self.protocol, derive_seed(self.seed, sid, c),
+                                        valid=gt != self.ignore_index)
         elif sid in self._coarse_maps:
             lab = resize_labels(load_labels(self._coarse_maps[sid]).astype(np.int64), hw)
             for c in sorted(int(v) for v in np.unique(lab)):
@@ -276,4 +278,5 @@ class VOCStyleDataset:
             raise G4SegError(f"no coarse mask for {sid} in {self.coarse_dir}")
         if self.classes_from == "gt":
             coarse = {c: coarse.get(c, np.zeros(hw, np.float32)) for c in gt_classes}
-        return LoadedSample(sid, image, gt, coarse, str(self._images[sid]), str(self._gts[sid]))
+        labels = {c: self.prompt_label(c) for c in coarse}
+        return LoadedSample(sid, image, gt, coarse, str(self._images[sid]), str(self._gts[sid]), labels)

@@ -1,0 +1,161 @@
+"""Where model weights are found, without downloading anything.
+
+Search order, for both the SD checkpoint and the CLIP image encoder:
+  1. the explicit path given (CLI --checkpoint / --clip, a node input, an argument);
+  2. the environment variable G4SEG_CHECKPOINT / G4SEG_CLIP;
+  3. a ComfyUI install (`comfyui_dir`, else $COMFYUI_PATH):
+       checkpoints: models/checkpoints/**.safetensors|.ckpt, then models/diffusers/*/ (folders
+                    with model_index.json);
+       CLIP vision: models/clip_vision/**.safetensors|.bin|.pt|.pth.
+When several files qualify, the choice is deterministic and logged:
+  checkpoints: SD2.1 names first (the paper's model: 'sd2', 'sd21', 'v2-1', '2-1', '2.1'),
+               then SD1.5 names ('sd15', 'v1-5', '1-5', '1.5'), then SDXL names ('xl'), then
+               the rest; names of unsupported models (flux, sd3, svd, cascade, inpaint,
+               refiner, ...) come last; ties broken by the lower-cased relative path.
+  CLIP vision: ViT-B/16 names first (the paper's encoder), then ViT-L, then ViT-H
+               ('clip_vision_h'), then bigG ('clip_vision_g'), then the rest; same tie-break.
+Nothing found raises ModelNotFoundError listing every place looked and how to point at weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+from .errors import ModelNotFoundError
+
+log = logging.getLogger("g4seg")
+
+CHECKPOINT_ENV = "G4SEG_CHECKPOINT"
+CLIP_ENV = "G4SEG_CLIP"
+COMFYUI_ENV = "COMFYUI_PATH"
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+CLIP_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth")
+
+# (pattern on the lower-cased file name, rank); first match wins, unmatched = len(list).
+_CHECKPOINT_RANKS: List[Tuple[str, int]] = [
+    (r"flux|sd3|sd_3|stable_cascade|cascade|svd|video|inpaint|instruct|pix2pix|depth|upscale|refiner|unclip", 9),
+    (r"sd2|sd_2|v2-1|v2_1|2-1|2\.1|21[-_]?base|sd21", 0),
+    (r"sd15|sd_15|sd1\.5|sd1-5|v1-5|v1_5|1-5|1\.5", 1),
+    (r"xl", 2),
+]
+_CLIP_RANKS: List[Tuple[str, int]] = [
+    (r"vit-b-16|vit_b_16|vit-b/16|vitb16|b-16|b16", 0),
+    (r"vit-l|vit_l|vitl|clip_vision_l|large", 1),
+    (r"vit-h|vit_h|vith|clip_vision_h|huge", 2),
+    (r"bigg|clip_vision_g|vit-g|vit_g", 3),
+]
+
+
+def _rank(name: str, table: Sequence[Tuple[str, int]]) -> int:
+    lowered = name.lower()
+    for pattern, rank in table:
+        if re.search(pattern, lowered):
+            return rank
+    return len(table)
+
+
+def _pick(candidates: List[Path], base: Path, table, kind: str) -> Optional[Path]:
+    if not candidates:
+        return None
+    ordered = sorted(candidates, key=lambda p: (_rank(p.name, table), str(p.relative_to(base)).lower()))
+    chosen = ordered[0]
+    if len(ordered) > 1:
+        others = ", ".join(p.name for p in ordered[1:6]) + (" ..." if len(ordered) > 6 else "")
+        log.info("%s: using %s (of %d found; also %s). Choose another with an explicit path.",
+                 kind, chosen, len(ordered), others)
+    else:
+        log.info("%s: using %s", kind, chosen)
+    return chosen
+
+
+def _files(folder: Path, extensions: Sequence[str]) -> List[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions]
+
+
+def _comfyui_root(comfyui_dir) -> Tuple[Optional[Path], str]:
+    if comfyui_dir:
+        return Path(os.path.expanduser(str(comfyui_dir))), "comfyui_dir"
+    env = os.environ.get(COMFYUI_ENV)
+    if env:
+        return Path(os.path.expanduser(env)), f"${COMFYUI_ENV}"
+    return None, ""
+
+
+def _explicit(value, what: str, flag: str) -> Path:
+    path = Path(os.path.expanduser(str(value)))
+    if not path.exists():
+        raise ModelNotFoundError(f"{what} {path} (from {flag}) does not exist: check the path")
+    return path
+
+
+def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[str, Path, None] = None) -> Path:
+    """SD checkpoint: a single .safetensors/.ckpt file or a diffusers folder (see the module docstring)."""
+    if explicit:
+        return _explicit(explicit, "checkpoint", "--checkpoint")
+    env = os.environ.get(CHECKPOINT_ENV)
+    if env:
+        return _explicit(env, "checkpoint", f"${CHECKPOINT_ENV}")
+    looked = [f"--checkpoint (not given)", f"${CHECKPOINT_ENV} (not set)"]
+    root, origin = _comfyui_root(comfyui_dir)
+    if root is None:
+        looked.append(f"a ComfyUI install (--comfyui-dir not given, ${COMFYUI_ENV} not set)")
+    else:
+        checkpoints = root / "models" / "checkpoints"
+        found = _pick(_files(checkpoints, CHECKPOINT_EXTENSIONS), checkpoints, _CHECKPOINT_RANKS, "checkpoint")
+        if found:
+            return found
+        looked.append(f"{checkpoints} (from {origin}): no {'/'.join(CHECKPOINT_EXTENSIONS)} files"
+                      + ("" if checkpoints.is_dir() else ", folder missing"))
+        diffusers_dir = root / "models" / "diffusers"
+        folders = ([p for p in diffusers_dir.iterdir() if (p / "model_index.json").is_file()]
+                   if diffusers_dir.is_dir() else [])
+        found = _pick(folders, diffusers_dir, _CHECKPOINT_RANKS, "checkpoint")
+        if found:
+            return found
+        looked.append(f"{diffusers_dir} (from {origin}): no diffusers folders with model_index.json"
+                      + ("" if diffusers_dir.is_dir() else ", folder missing"))
+    raise ModelNotFoundError(
+        "no Stable Diffusion checkpoint found. Looked at:\n  - " + "\n  - ".join(looked) +
+        "\nPoint at one with --checkpoint PATH (a .safetensors/.ckpt file or a diffusers folder), "
+        f"${CHECKPOINT_ENV}=PATH, or --comfyui-dir / ${COMFYUI_ENV} (searches models/checkpoints and "
+        "models/diffusers). G4Seg never downloads weights; SD2.1 (v2-1_512-ema-pruned.safetensors) is the "
+        "paper's model. `g4seg selfcheck` runs without any weights.")
+
+
+def find_clip_vision(explicit: Union[str, Path, None] = None,
+                     comfyui_dir: Union[str, Path, None] = None) -> Union[Path, str]:
+    """CLIP image encoder weights: a path, or an 'open_clip-name:path' string kept as given."""
+    from .loading import split_clip_spec
+
+    def resolve(value, flag):
+        name, file = split_clip_spec(value)
+        path = _explicit(file, "CLIP image encoder weights", flag)
+        return f"{name}:{path}" if name else path
+
+    if explicit:
+        return resolve(explicit, "--clip")
+    env = os.environ.get(CLIP_ENV)
+    if env:
+        return resolve(env, f"${CLIP_ENV}")
+    looked = ["--clip (not given)", f"${CLIP_ENV} (not set)"]
+    root, origin = _comfyui_root(comfyui_dir)
+    if root is None:
+        looked.append(f"a ComfyUI install (--comfyui-dir not given, ${COMFYUI_ENV} not set)")
+    else:
+        folder = root / "models" / "clip_vision"
+        found = _pick(_files(folder, CLIP_EXTENSIONS), folder, _CLIP_RANKS, "CLIP vision")
+        if found:
+            return found
+        looked.append(f"{folder} (from {origin}): no {'/'.join(CLIP_EXTENSIONS)} files"
+                      + ("" if folder.is_dir() else ", folder missing"))
+    raise ModelNotFoundError(
+        "no CLIP image encoder found. Looked at:\n  - " + "\n  - ".join(looked) +
+        "\nPoint at one with --clip PATH (a models/clip_vision .safetensors, open_clip weights, or "
+        f"'ViT-B-16:/path/open_clip_pytorch_model.bin'), ${CLIP_ENV}=PATH, or --comfyui-dir / ${COMFYUI_ENV} "
+        "(searches models/clip_vision). G4Seg never downloads weights; the paper uses CLIP ViT-B/16.")

@@ -1,0 +1,175 @@
+"""Pure conversion helpers shared by the node classes (no ComfyUI import at module level).
+
+ComfyUI conventions: IMAGE is float [B, H, W, C] in [0, 1]; MASK is float [B, H, W]
+(single masks also arrive as [H, W] or [1, H, W]); LATENT is {"samples": [B, C, h, w], ...}.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from g4seg_core.errors import G4SegError
+
+CATEGORY = "G4Seg"
+
+
+# --------------------------------------------------------------------------- comfy access (lazy)
+
+def intermediate_device():
+    try:
+        import comfy.model_management as mm
+        return mm.intermediate_device()
+    except Exception:
+        return torch.device("cpu")
+
+
+def check_interrupt() -> None:
+    try:
+        import comfy.model_management as mm
+    except Exception:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """comfy.utils.ProgressBar when available, a no-op otherwise."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        try:
+            import comfy.utils
+            self.bar = comfy.utils.ProgressBar(int(total))
+        except Exception:
+            self.bar = None
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+# --------------------------------------------------------------------------- tensors
+
+def mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """MASK as [B, H, W] float32 (accepts [H, W], [1, H, W], [B, H, W], [B, 1, H, W])."""
+    if not torch.is_tensor(mask):
+        raise G4SegError(f"{name} is not a tensor (got {type(mask).__name__}); connect a MASK")
+    if mask.dim() == 2:
+        mask = mask[None]
+    elif mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        raise G4SegError(f"{name} must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
+    mask = mask.float()
+    if not torch.isfinite(mask).all():
+        raise G4SegError(f"{name} contains NaN or infinite values")
+    return mask
+
+
+def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> float32 [B, H, W, 3] (alpha dropped, grey repeated)."""
+    if not torch.is_tensor(image) or image.dim() not in (3, 4):
+        raise G4SegError(f"{name} must be an IMAGE [B, H, W, C], got {getattr(image, 'shape', type(image))}")
+    if image.dim() == 3:
+        image = image[None]
+    c = image.shape[-1]
+    if c == 1:
+        image = image.repeat(1, 1, 1, 3)
+    elif c == 4:
+        image = image[..., :3]
+    elif c != 3:
+        raise G4SegError(f"{name} has {c} channels; G4Seg needs RGB images [B, H, W, 3]")
+    return image.float()
+
+
+def pair_batches(images: torch.Tensor, masks: torch.Tensor, *, image_name="image",
+                 mask_name="mask") -> int:
+    """Batch size of an (IMAGE, MASK) pair: equal sizes, or one side 1 (broadcast)."""
+    bi, bm = images.shape[0], masks.shape[0]
+    if bi != bm and bi != 1 and bm != 1:
+        raise G4SegError(f"{image_name} batch ({bi}) and {mask_name} batch ({bm}) differ: "
+                         "give one mask per image, or a single mask for all images")
+    return max(bi, bm)
+
+
+def pick(batch: torch.Tensor, i: int) -> torch.Tensor:
+    return batch[i if batch.shape[0] > 1 else 0]
+
+
+def check_same_size(mask_hw: Tuple[int, int], image_hw: Tuple[int, int], *, what: str = "mask",
+                    resize_hint: str = "resize it (e.g. with ImageScale / an upscale-mask node) first") -> None:
+    if tuple(mask_hw) != tuple(image_hw):
+        raise G4SegError(f"{what} is {mask_hw[1]}x{mask_hw[0]} (WxH) but the image is "
+                         f"{image_hw[1]}x{image_hw[0]}: {resize_hint}")
+
+
+def check_aspect(a_hw: Tuple[int, int], b_hw: Tuple[int, int], *, what: str, tolerance: float = 0.04) -> None:
+    ra, rb = a_hw[1] / a_hw[0], b_hw[1] / b_hw[0]
+    if abs(ra - rb) / rb > tolerance:
+        raise G4SegError(f"{what}: aspect ratios differ ({a_hw[1]}x{a_hw[0]} vs {b_hw[1]}x{b_hw[0]}, WxH); "
+                         "the mask and the images must show the same framing")
+
+
+def resize_map(x: torch.Tensor, hw: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """[H, W] or [C, H, W] map to hw (bilinear, antialiased when shrinking)."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    squeeze = x.dim() == 2
+    t = x[None, None] if squeeze else x[None]
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    if mode in ("bilinear", "bicubic"):
+        kwargs["antialias"] = True
+    out = F.interpolate(t.float(), size=tuple(hw), mode=mode, **kwargs)
+    return out[0, 0] if squeeze else out[0]
+
+
+def image_to_chw(image_hwc: torch.Tensor) -> torch.Tensor:
+    """One IMAGE [H, W, 3] -> [1, 3, H, W] (the core's convention)."""
+    return image_hwc.permute(2, 0, 1)[None].float()
+
+
+def chw_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> IMAGE [B, H, W, 3]."""
+    return x.permute(0, 2, 3, 1).float().clamp(0, 1)
+
+
+def image_to_mask(image_hwc: torch.Tensor, channel: str = "luminance") -> torch.Tensor:
+    """[H, W, C] image -> [H, W] map."""
+    if channel == "alpha":
+        if image_hwc.shape[-1] < 4:
+            raise G4SegError("channel 'alpha' needs an image with an alpha channel")
+        return image_hwc[..., 3]
+    rgb = image_hwc[..., :3] if image_hwc.shape[-1] >= 3 else image_hwc[..., :1].repeat(1, 1, 3)
+    if channel == "red":
+        return rgb[..., 0]
+    if channel == "green":
+        return rgb[..., 1]
+    if channel == "blue":
+        return rgb[..., 2]
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def is_binary(prob: torch.Tensor, eps: float = 1e-6) -> bool:
+    return bool(((prob <= eps) | (prob >= 1 - eps)).all())
+
+
+def stack_masks(masks: List[torch.Tensor]) -> torch.Tensor:
+    """List of [H, W] -> [B, H, W] on the intermediate device (sizes must agree)."""
+    sizes = {tuple(m.shape) for m in masks}
+    if len(sizes) > 1:
+        raise G4SegError(f"the masks of this batch have different sizes {sorted(sizes)}")
+    return torch.stack([m.float() for m in masks]).to(intermediate_device())
+
+
+def parse_class(value: str) -> Optional[str]:
+    v = (value or "").strip()
+    return v or None
+
+
+def class_name_or_error(value: str) -> str:
+    v = parse_class(value)
+    if v is None:
+        raise G4SegError("class_name is empty: type the object's name as in the prompt, e.g. 'cat'")
+    return v

@@ -1,0 +1,240 @@
+"""G4SegCLIPCorrespondence and G4SegMixForeground (paper steps 6-9)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from g4seg_core.clip_features import DenseCLIPFeatures, interpolate_position_grid
+from g4seg_core.config import DIRECTIONS, G4SegConfig
+from g4seg_core.correspondence import grid_match_to_pixels, match_features, resample_features
+from g4seg_core.errors import G4SegError
+from g4seg_core.mixing import update_from_features
+
+from .common import (CATEGORY, Progress, check_aspect, check_interrupt, chw_to_image, image_batch,
+                     image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
+
+_D = G4SegConfig()
+CORRESPONDENCE_TYPE = "G4SEG_CORRESPONDENCE"
+
+
+@dataclass
+class G4SegCorrespondence:
+    """Dense CLIP features of the original and generated images (one entry per image)."""
+
+    orig_feats: torch.Tensor  # [B, C, h, w], L2-normalised
+    gen_feats: torch.Tensor   # [B, C, h, w]
+    grid: int
+    direction: str
+    image_size: Tuple[int, int]  # (H, W) of the original image
+
+    def __len__(self) -> int:
+        return self.orig_feats.shape[0]
+
+
+# --------------------------------------------------------------------------- ComfyUI CLIP_VISION adapter
+
+def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
+    """DenseCLIPFeatures running ComfyUI's own CLIP vision transformer on the full image.
+
+    Patch tokens of the last layer -> post_layernorm -> visual_projection, with the learned
+    positional embedding interpolated to the image's patch grid (no centre crop).
+    """
+    outer = getattr(clip_vision, "model", None)
+    vision = getattr(outer, "vision_model", None)
+    emb = getattr(vision, "embeddings", None)
+    if emb is None or not hasattr(emb, "patch_embedding") or not hasattr(emb, "position_embedding"):
+        raise G4SegError("this CLIP_VISION model is not a CLIP/SigLIP ViT (e.g. a DINOv2 or other encoder): "
+                         "load a CLIP ViT with CLIPVisionLoader (ViT-L/14, ViT-H/14, ViT-bigG/14)")
+    import comfy.model_management as mm
+    import comfy.ops
+
+    patch = emb.patch_embedding.kernel_size[0]
+    has_cls = getattr(emb, "class_embedding", None) is not None
+    n_pos = emb.position_embedding.weight.shape[0] - (1 if has_cls else 0)
+    side = int(round(n_pos ** 0.5))
+    if side * side != n_pos:
+        raise G4SegError(f"CLIP vision positional embedding has {n_pos} patch positions, not a square grid")
+    projection = getattr(outer, "visual_projection", None)
+    output_layernorm = bool(getattr(vision, "output_layernorm", False))
+
+    def tokens_fn(pixels, grid):
+        x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        pos = comfy.ops.cast_to_input(emb.position_embedding.weight, x)
+        patch_pos = interpolate_position_grid(pos[1:] if has_cls else pos, (side, side), tuple(grid))
+        x = x + patch_pos[None]
+        if has_cls:
+            cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
+            x = torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1)
+        x = vision.pre_layrnorm(x)
+        x, _ = vision.encoder(x, mask=None, intermediate_output=None)
+        if has_cls:
+            x = x[:, 1:]
+        x = vision.post_layernorm(x)
+        if projection is not None and callable(projection) and not output_layernorm:
+            x = projection(x)
+        return x
+
+    class _Module(torch.nn.Module):  # only so DenseCLIPFeatures can read device/dtype
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    mean = getattr(clip_vision, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(clip_vision, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mm.load_model_gpu(clip_vision.patcher)
+    feats = DenseCLIPFeatures(tokens_fn, patch, _Module(outer), name="comfy-clip-vision", mean=mean, std=std)
+    return feats
+
+
+def features_for(extractor, image_hwc: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
+    """[H, W, 3] image resized to size_hw -> [C, h, w] features."""
+    x = image_to_chw(image_hwc)
+    if tuple(x.shape[-2:]) != tuple(size_hw):
+        x = F.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        return extractor(x.clamp(0, 1))[0].float().cpu()
+
+
+def check_generated_size(orig_hw, gen_hw, max_crop: int = 16) -> None:
+    """The generated image is a VAE round trip of the original: equal size, or a few pixels smaller."""
+    dh, dw = orig_hw[0] - gen_hw[0], orig_hw[1] - gen_hw[1]
+    if tuple(orig_hw) == tuple(gen_hw):
+        return
+    if 0 <= dh < max_crop and 0 <= dw < max_crop:
+        return
+    raise G4SegError(f"generated image is {gen_hw[1]}x{gen_hw[0]} but the original is {orig_hw[1]}x{orig_hw[0]} (WxH): "
+                     "decode the latent of this very image (VAEEncode -> G4Seg One-Step Denoise -> VAEDecode)")
+
+
+def match_visualisation(orig_img: torch.Tensor, gen_img: torch.Tensor, corr_orig: torch.Tensor,
+                        corr_gen: torch.Tensor, direction: str, grid: int) -> torch.Tensor:
+    """[H, W, 3]: the original rebuilt from the generated image through the match (o->g), or the reverse.
+
+    A good correspondence looks like the source image; misplaced regions show as seams.
+    """
+    o = resample_features(corr_orig, grid)
+    g = resample_features(corr_gen, grid)
+    if direction == "original_to_generated":
+        source, target = gen_img, orig_img
+        match = match_features(o, g)
+    else:
+        source, target = orig_img, gen_img
+        match = match_features(g, o)
+    h, w = target.shape[0], target.shape[1]
+    src = resize_map(source.permute(2, 0, 1), (h, w))  # [3, h, w]
+    idx = grid_match_to_pixels(match.cpu(), h, w).flatten()
+    return src.reshape(3, -1)[:, idx].reshape(3, h, w).permute(1, 2, 0).clamp(0, 1)
+
+
+def clip_correspondence(clip_vision, original, generated, grid, direction, extractor=None):
+    if direction not in DIRECTIONS:
+        raise G4SegError(f"direction {direction!r}: choose one of {DIRECTIONS}")
+    if not (grid == 0 or 8 <= grid <= 128):
+        raise G4SegError(f"grid={grid}: use 0 (the CLIP patch grid) or 8..128")
+    orig = image_batch(original, "original image")
+    gen = image_batch(generated, "generated image")
+    if orig.shape[0] != gen.shape[0] and gen.shape[0] != 1 and orig.shape[0] != 1:
+        raise G4SegError(f"original batch ({orig.shape[0]}) and generated batch ({gen.shape[0]}) differ")
+    batch = max(orig.shape[0], gen.shape[0])
+    orig_hw = tuple(orig.shape[1:3])
+    check_generated_size(orig_hw, tuple(gen.shape[1:3]))
+    extractor = extractor or comfy_clip_vision_features(clip_vision)
+    bar = Progress(batch)
+    of, gf, vis = [], [], []
+    for i in range(batch):
+        check_interrupt()
+        o_img, g_img = pick(orig, i), pick(gen, i)
+        fo = features_for(extractor, o_img, orig_hw)
+        fg = features_for(extractor, g_img, orig_hw)
+        of.append(fo)
+        gf.append(fg)
+        vis.append(match_visualisation(o_img, resize_map(g_img.permute(2, 0, 1), orig_hw).permute(1, 2, 0),
+                                       fo, fg, direction, grid))
+        bar.update(1)
+    corr = G4SegCorrespondence(torch.stack(of), torch.stack(gf), int(grid), direction, orig_hw)
+    return corr, torch.stack(vis).to(intermediate_device())
+
+
+class G4SegCLIPCorrespondence:
+    DESCRIPTION = ("Semantic Correspondence Alignment (G4Seg Eq. 8): dense CLIP features of the original and the "
+                   "generated image (full image, positional embedding interpolated, no centre crop).")
+    CATEGORY = CATEGORY
+    FUNCTION = "match"
+    RETURN_TYPES = (CORRESPONDENCE_TYPE, "IMAGE")
+    RETURN_NAMES = ("correspondence", "match_preview")
+    OUTPUT_TOOLTIPS = ("Features of both images, for G4Seg Mix Foreground.",
+                       "The source image re-assembled through the matches (should resemble the target image).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_vision": ("CLIP_VISION", {"tooltip": "A CLIP ViT image encoder (CLIPVisionLoader), e.g. ViT-L/14 or ViT-H/14."}),
+            "original": ("IMAGE", {"tooltip": "The original image."}),
+            "generated": ("IMAGE", {"tooltip": "The one-step generated image (VAEDecode of G4Seg One-Step Denoise); same size as the original, or up to 15 px smaller from the VAE's multiple-of-8 crop."}),
+            "grid": ("INT", {"default": _D.correspondence_grid, "min": 0, "max": 128, "step": 8, "tooltip": "Features are resampled to grid x grid before matching (0 = the CLIP patch grid; at most 128)."}),
+            "direction": (list(DIRECTIONS), {"default": _D.direction, "tooltip": "original_to_generated: for each original location, where its content went in the generated image (default, see SPEC); generated_to_original: Eq. 8 read literally."}),
+        }}
+
+    def match(self, clip_vision, original, generated, grid, direction):
+        return clip_correspondence(clip_vision, original, generated, grid, direction)
+
+
+# --------------------------------------------------------------------------- mixing
+
+def mix_foreground(mask, correspondence, beta, band_low, band_high, iterations, threshold):
+    if not isinstance(correspondence, G4SegCorrespondence):
+        raise G4SegError("correspondence must come from G4Seg CLIP Correspondence")
+    if not 0.0 <= band_low <= band_high <= 1.0:
+        raise G4SegError(f"band [{band_low}, {band_high}]: use 0 <= low <= high <= 1 (paper: 0.2, 0.6)")
+    if not 0.0 < threshold < 1.0:
+        raise G4SegError(f"threshold={threshold}: use a value strictly between 0 and 1")
+    masks = mask_batch(mask)
+    n = len(correspondence)
+    if masks.shape[0] not in (1, n) and n != 1:
+        raise G4SegError(f"mask batch ({masks.shape[0]}) and correspondence batch ({n}) differ")
+    batch = max(masks.shape[0], n)
+    mh, mw = masks.shape[1:]
+    check_aspect((mh, mw), correspondence.image_size, what="mask vs image")
+    bar = Progress(batch)
+    out = []
+    for i in range(batch):
+        check_interrupt()
+        prob = pick(masks, i).clamp(0, 1)
+        j = i if n > 1 else 0
+        refined = update_from_features(prob, correspondence.orig_feats[j], correspondence.gen_feats[j],
+                                       beta=float(beta), band=(float(band_low), float(band_high)),
+                                       iterations=int(iterations), direction=correspondence.direction,
+                                       grid=int(correspondence.grid))
+        out.append(torch.as_tensor(refined).float().clamp(0, 1))
+        bar.update(1)
+    refined = stack_masks(out)
+    return refined, (refined >= float(threshold)).float()
+
+
+class G4SegMixForeground:
+    DESCRIPTION = ("Mixing with coarse filtering (G4Seg Eq. 9): S* = beta*S + (1-beta)*S[match] on pixels whose "
+                   "probability lies in [band_low, band_high], repeated `iterations` times.")
+    CATEGORY = CATEGORY
+    FUNCTION = "mix"
+    RETURN_TYPES = ("MASK", "MASK")
+    RETURN_NAMES = ("refined", "binary")
+    OUTPUT_TOOLTIPS = ("Refined probability map (same size as the input mask).", "refined >= threshold.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mask": ("MASK", {"tooltip": "Coarse probability map (soften binary masks first: G4Seg Load Coarse Mask does). Any resolution with the image's aspect ratio."}),
+            "correspondence": (CORRESPONDENCE_TYPE, {"tooltip": "From G4Seg CLIP Correspondence."}),
+            "beta": ("FLOAT", {"default": _D.beta, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Weight of the original probability (paper: 0.8 open-vocabulary, 0.9 weakly supervised)."}),
+            "band_low": ("FLOAT", {"default": _D.band[0], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Coarse filtering: only pixels with band_low <= S <= band_high are updated (paper: 0.2)."}),
+            "band_high": ("FLOAT", {"default": _D.band[1], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Upper end of the coarse-filtering band (paper: 0.6)."}),
+            "iterations": ("INT", {"default": _D.iterations, "min": 1, "max": 20, "tooltip": "How many times the mixing is repeated with the updated map."}),
+            "threshold": ("FLOAT", {"default": _D.threshold, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip": "Threshold for the binary output."}),
+        }}
+
+    def mix(self, mask, correspondence, beta, band_low, band_high, iterations, threshold):
+        return mix_foreground(mask, correspondence, beta, band_low, band_high, iterations, threshold)

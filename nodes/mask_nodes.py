@@ -1,0 +1,197 @@
+"""G4SegLoadCoarseMask and G4SegMaskToSegPalette."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from g4seg_core import masks as core_masks
+from g4seg_core import palettes as core_palettes
+from g4seg_core.config import SOFTEN_MODES, G4SegConfig
+from g4seg_core.errors import G4SegError
+
+from .common import (CATEGORY, Progress, check_interrupt, image_batch, image_to_mask, intermediate_device,
+                     mask_batch, stack_masks)
+
+_D = G4SegConfig()
+MASK_KINDS = ("auto", "probability", "label_map")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".npy")
+BACKGROUNDS = ("black", "ade20k-wall")
+
+
+# --------------------------------------------------------------------------- files (lazy folder_paths)
+
+def input_files() -> List[str]:
+    try:
+        import folder_paths
+        base = folder_paths.get_input_directory()
+    except Exception:
+        return []
+    if not os.path.isdir(base):
+        return []
+    return sorted(f for f in os.listdir(base)
+                  if os.path.isfile(os.path.join(base, f)) and f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def resolve_input(name: str) -> str:
+    try:
+        import folder_paths
+        return folder_paths.get_annotated_filepath(name)
+    except ImportError:
+        return name
+
+
+def looks_like_label_map(path: str) -> bool:
+    """Palette PNGs and colour (R != G != B) images are label maps; greyscale images are probabilities."""
+    if path.lower().endswith(".npy"):
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.issubdtype(arr.dtype, np.integer) and arr.size > 0 and int(arr.max()) > 1
+    from PIL import Image
+    with Image.open(path) as img:
+        if img.mode in ("P", "PA"):
+            return True
+        if img.mode in ("RGB", "RGBA"):
+            rgb = np.asarray(img.convert("RGB"))
+            return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+    return False
+
+
+def parse_class_choice(value: str):
+    v = (value or "").strip()
+    if not v:
+        raise G4SegError("this mask is a label map: set class_index_or_name to the class to refine "
+                         "(a VOC name such as 'cat' or an index such as 8)")
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
+def load_mask_file(path: str, mask_kind: str, class_choice: str) -> Tuple[np.ndarray, str]:
+    if mask_kind not in MASK_KINDS:
+        raise G4SegError(f"mask_kind {mask_kind!r}: choose one of {MASK_KINDS}")
+    if not os.path.exists(path):
+        raise G4SegError(f"mask file not found: {path!r}; upload it to ComfyUI's input folder")
+    label = mask_kind == "label_map" or (mask_kind == "auto" and looks_like_label_map(path))
+    if label:
+        cls = parse_class_choice(class_choice)
+        labels = core_masks.load_label_map(path)
+        prob = core_masks.class_probability_from_label_map(labels, cls)
+        return prob, f"label map, class {cls!r}"
+    return core_masks.load_probability(path), "probability map"
+
+
+def soften(prob: np.ndarray, mode: str, width: float) -> Tuple[torch.Tensor, str]:
+    soft, desc = core_masks.soften_binary(prob, mode=mode, width=float(width))
+    return torch.from_numpy(np.ascontiguousarray(soft, dtype=np.float32)), desc
+
+
+def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, soften_mode: str, soften_width: float,
+                     mask: Optional[torch.Tensor] = None, mask_image: Optional[torch.Tensor] = None):
+    if soften_mode not in SOFTEN_MODES:
+        raise G4SegError(f"soften {soften_mode!r}: choose one of {SOFTEN_MODES}")
+    if mask is not None:
+        sources = [(m.clamp(0, 1).cpu().numpy(), "MASK input") for m in mask_batch(mask)]
+    elif mask_image is not None:
+        imgs = image_batch(mask_image, "mask_image") if mask_image.shape[-1] != 4 else mask_image.float()
+        sources = [(image_to_mask(im).clamp(0, 1).cpu().numpy(), "IMAGE input (luminance)") for im in imgs]
+    else:
+        if not image or image in ("", "(none)"):
+            raise G4SegError("no mask: choose a file in the image list (upload one), or connect a MASK/IMAGE")
+        prob, what = load_mask_file(resolve_input(image), mask_kind, class_index_or_name)
+        sources = [(prob, f"{image}: {what}")]
+    bar = Progress(len(sources))
+    out, notes = [], []
+    for prob, what in sources:
+        check_interrupt()
+        soft, desc = soften(core_masks.validate_probability(prob, name=what), soften_mode, soften_width)
+        out.append(soft)
+        notes.append(f"{what}; {desc}")
+        bar.update(1)
+    text = notes[0] if len(set(notes)) == 1 else "\n".join(f"[{i}] {n}" for i, n in enumerate(notes))
+    return stack_masks(out), text
+
+
+class G4SegLoadCoarseMask:
+    DESCRIPTION = ("Load a coarse segmentation as a probability MASK: binary, soft 8/16-bit greyscale, or a "
+                   "palette/colour label map (pick the class by VOC name or index). Binary masks are softened "
+                   "(G4Seg only updates uncertain pixels). A connected MASK or IMAGE replaces the file.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MASK", "STRING")
+    RETURN_NAMES = ("mask", "softening")
+    OUTPUT_TOOLTIPS = ("Probability map [B, H, W] in [0, 1].", "How the mask was read and softened.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": (input_files(), {"image_upload": True, "tooltip": "Mask file from ComfyUI's input folder (PNG 8/16-bit, palette PNG, JPG, .npy). Ignored when a mask or mask_image is connected."}),
+            "mask_kind": (list(MASK_KINDS), {"default": "auto", "tooltip": "auto: palette/colour images are label maps, greyscale ones probabilities; or force one."}),
+            "class_index_or_name": ("STRING", {"default": "", "tooltip": "For label maps: the class to refine, a VOC name ('cat', 'person') or an index (8). Ignored for probability maps."}),
+            "soften": (list(SOFTEN_MODES), {"default": _D.soften, "tooltip": "How binary masks become probabilities: sdf = sigmoid of the signed distance to the boundary, blur = Gaussian blur, none = keep binary (then nothing is in the update band). Soft masks are never changed."}),
+            "soften_width": ("FLOAT", {"default": _D.soften_width, "min": 0.5, "max": 256.0, "step": 0.5, "tooltip": "Softening width in pixels of the mask (sdf: ~0.12 -> ~0.88 across this distance; blur: sigma = width/2)."}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "Use this MASK (batch allowed) instead of the file."}),
+            "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, image, *args, **kwargs):
+        try:
+            path = resolve_input(image)
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except Exception:
+            return image
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        if image in ("", "(none)"):
+            return True
+        try:
+            import folder_paths
+            if not folder_paths.exists_annotated_filepath(image):
+                return f"Invalid mask file: {image}"
+        except ImportError:
+            pass
+        return True
+
+    def load(self, image, mask_kind, class_index_or_name, soften, soften_width, mask=None, mask_image=None):
+        return load_coarse_mask(image, mask_kind, class_index_or_name, soften, soften_width, mask=mask,
+                                mask_image=mask_image)
+
+
+# --------------------------------------------------------------------------- seg palette
+
+def mask_to_seg_palette(mask, class_name: str, threshold: float, background: str = "black") -> torch.Tensor:
+    masks = mask_batch(mask)
+    out = []
+    for m in masks:
+        arr = core_palettes.draw_seg_palette(m.cpu().numpy(), class_name, threshold=float(threshold),
+                                             background=background)
+        out.append(torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0)
+    return torch.stack(out).to(intermediate_device())
+
+
+class G4SegMaskToSegPalette:
+    DESCRIPTION = ("Draw the mask in the ADE20K segmentation palette (the class's ADE20K colour) for a "
+                   "segmentation ControlNet (ControlNetApplyAdvanced): the paper's ControlNet-seg variant of "
+                   "mask injection.")
+    CATEGORY = CATEGORY
+    FUNCTION = "draw"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("seg_image",)
+    OUTPUT_TOOLTIPS = ("ADE20K-palette image for a seg ControlNet.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mask": ("MASK", {"tooltip": "Coarse mask (probabilities are thresholded)."}),
+            "class_name": ("STRING", {"default": "cat", "tooltip": "Class name (ADE20K name, VOC name or common alias); picks the palette colour."}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip": "Pixels with mask >= threshold are painted with the class colour."}),
+            "background": (list(BACKGROUNDS), {"default": "black", "tooltip": "black: no class (the ControlNet generates freely there); ade20k-wall: paint the rest as wall."}),
+        }}
+
+    def draw(self, mask, class_name, threshold, background="black"):
+        return (mask_to_seg_palette(mask, class_name, threshold, background),)

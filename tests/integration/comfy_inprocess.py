@@ -1,0 +1,112 @@
+"""Run inside ComfyUI's Python (subprocess of the integration tests, or by hand):
+
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py chain  CKPT CLIP_VISION
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py bench  CKPT CLIP_VISION [size] [runs]
+
+Prints one JSON line with the results.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+COMFY = os.environ["COMFYUI_PATH"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, COMFY)
+
+import torch  # noqa: E402
+
+import comfy.cli_args  # noqa: E402
+
+if not torch.cuda.is_available():
+    comfy.cli_args.args.cpu = True
+import comfy.clip_vision  # noqa: E402
+import comfy.sd  # noqa: E402
+
+
+def load_pack():
+    spec = importlib.util.spec_from_file_location("g4seg_pack", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["g4seg_pack"] = pack
+    spec.loader.exec_module(pack)
+    if pack.IMPORT_ERROR:
+        raise pack.IMPORT_ERROR
+    return pack
+
+
+def load_models(ckpt, clip_vision):
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+    return model, clip, vae, comfy.clip_vision.load(clip_vision)
+
+
+def chain(ckpt, cv_path):
+    """Another pack's attn2 replace patch on the model first; G4Seg must call it, not drop it."""
+    pack = load_pack()
+    m = pack.NODE_CLASS_MAPPINGS
+    ap = sys.modules["g4seg_pack.nodes.attention_patch"]
+    model, clip, vae, _ = load_models(ckpt, cv_path)
+    calls = {"other": 0, "g4seg": 0}
+    from comfy.ldm.modules.attention import optimized_attention
+
+    def other(q, k, v, extra_options):
+        calls["other"] += 1
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    keys = ap.attention_blocks(model.model.diffusion_model)
+    base = model.clone()
+    for name, number, index in keys:
+        base.set_model_attn2_replace(other, name, number, index)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    patched, positive, info = m["G4SegInjectAttention"]().apply(base, clip, mask, "cat", "a photo of a {}",
+                                                                "densediffusion", 1.0, 0.3, 1.0, "constant")
+    original_call = ap.G4SegAttentionPatch.__call__
+
+    def counting(self, q, k, v, eo):
+        calls["g4seg"] += 1
+        return original_call(self, q, k, v, eo)
+
+    ap.G4SegAttentionPatch.__call__ = counting
+    img = torch.rand(1, 64, 64, 3)
+    latent = {"samples": vae.encode(img)}
+    x0, = m["G4SegOneStepDenoise"]().denoise(patched, positive, latent, 400, 0)
+    # the unpatched clone must give a different x0 (the injection changes the output)
+    calls_before = dict(calls)
+    x0_plain, = m["G4SegOneStepDenoise"]().denoise(base, positive, latent, 400, 0)
+    table = patched.model_options["transformer_options"]["patches_replace"]
+    wrapped = all(table["attn2"][k].inner is other for k in keys)
+    return {"blocks": len(keys), "calls": calls_before, "wrapped": wrapped,
+            "x0_shape": list(x0["samples"].shape), "changed": float((x0["samples"] - x0_plain["samples"]).abs().max()),
+            "info": info}
+
+
+def bench(ckpt, cv_path, size=512, runs=2):
+    pack = load_pack()
+    m = pack.NODE_CLASS_MAPPINGS
+    t = time.time()
+    model, clip, vae, cv = load_models(ckpt, cv_path)
+    load_s = time.time() - t
+    img = torch.rand(1, size, size, 3)
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    times = []
+    for i in range(runs):
+        t = time.time()
+        r, b, g = m["G4SegRefine"]().refine(model, clip, vae, cv, img, mask, "cat", 400, i, "densediffusion", 1.0, 0.3,
+                                            0.8, 0.2, 0.6, 1, 0.5, size, "sdf", 8.0)
+        times.append(time.time() - t)
+    return {"size": size, "load_s": load_s, "seconds_per_image": times, "threads": torch.get_num_threads(),
+            "out": list(r.shape)}
+
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "chain":
+        print(json.dumps(chain(sys.argv[2], sys.argv[3])))
+    elif what == "bench":
+        size = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+        runs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+        print(json.dumps(bench(sys.argv[2], sys.argv[3], size, runs)))
