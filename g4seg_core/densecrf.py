@@ -24,7 +24,7 @@ _INSTALL_HINT = ("DenseCRF needs the optional package pydensecrf2: run `pip inst
 
 def crf_available() -> bool:
     try:
-        import pydensecrf.densecrf  # noqa: F401
+        import pydensecrf.densecrf  # noqa: F401  (availability check)
     except Exception:
         return False
     return True

@@ -249,13 +249,12 @@ class SDComponents:
         The SDXL VAE's activations exceed fp16's range (NaN / black decodes), which is why its
         diffusers config carries force_upcast; bf16 has fp32's range and is kept as asked.
         """
-        self.unet.to(device=device, dtype=dtype)
-        for encoder in self.text_encoders:
-            encoder.to(device=device, dtype=dtype)
         vae_dtype = dtype
         if dtype == torch.float16 and self.family == "sdxl":
             vae_dtype = torch.float32
-        self.vae.to(device=device, dtype=vae_dtype)
+        # torch's own Module.to: diffusers' override warns about fp32 modules on every dtype cast
+        for module, target in [(self.unet, dtype), (self.vae, vae_dtype)] + [(e, dtype) for e in self.text_encoders]:
+            torch.nn.Module.to(module, device=device, dtype=target)
         return self
 
 
@@ -410,6 +409,10 @@ def _assign_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
         parts.append(hint or "is the file complete and a plain SD1.x / SD2.x / SDXL checkpoint?")
         raise G4SegError("; ".join(parts))
     if assign:
+        # contiguous copies: converted tensors can be strided views (sliced 1x1 convs, q/k/v splits)
+        for key, value in state_dict.items():
+            if not value.is_contiguous():
+                state_dict[key] = value.contiguous()
         model.load_state_dict(state_dict, strict=True, assign=True)
         _materialize_buffers(model)
     else:
@@ -686,9 +689,10 @@ def load_diffusers_folder(path: Union[str, Path], family: Optional[str] = None, 
             raise G4SegError(f"{root} is not a complete diffusers folder: {sub}/config.json is missing "
                              "(expected model_index.json, unet/, vae/, text_encoder/, scheduler/)")
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True,
+        # low_cpu_mem_usage=False: the default path needs accelerate and only warns without it
+        unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True, low_cpu_mem_usage=False,
                                                     variant=_variant(root / "unet", "diffusion_pytorch_model"))
-        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True,
+        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, low_cpu_mem_usage=False,
                                             variant=_variant(root / "vae", "diffusion_pytorch_model"))
         encoders = [CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True,
                                                   variant=_variant(root / "text_encoder", "model"))]
@@ -711,6 +715,9 @@ def load_diffusers_folder(path: Union[str, Path], family: Optional[str] = None, 
         detected = "sd15"
     elif context == 1024:
         detected = "sd21"
+    elif getattr(encoders[0].config, "hidden_act", "") in ("quick_gelu", "gelu"):
+        # Not a released width (small test models): SD1's OpenAI CLIP-L uses QuickGELU, SD2's OpenCLIP GELU.
+        detected = "sd15" if encoders[0].config.hidden_act == "quick_gelu" else "sd21"
     else:
         raise G4SegError(f"{source}: a UNet with {context}-wide cross-attention is not SD1.x (768), SD2.x (1024) "
                          "or SDXL (2048 + text_time)")

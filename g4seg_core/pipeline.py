@@ -129,7 +129,7 @@ class G4SegPipeline:
 
     def to_pixels(self, image: np.ndarray, size: int) -> torch.Tensor:
         """uint8 [H, W, 3] -> [1, 3, size, size] in [0, 1] (plain resize, no crop)."""
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        t = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
         t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         return t.clamp(0, 1).to(self.device)
 

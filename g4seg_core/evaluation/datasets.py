@@ -18,7 +18,6 @@ the ground truth with the seed ``derive_seed(seed, id, class)``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
