@@ -379,8 +379,23 @@ def _format_keys(keys: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _unconverted(source: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]) -> List[str]:
+    """Source keys whose tensors no converted entry came from (diffusers' converters drop unknown keys).
+
+    The UNet and VAE converters pass tensors through (or as views), so storage identity tells
+    which source tensors were used.
+    """
+    def ident(t):
+        return (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else None
+
+    used = {ident(t) for t in converted.values()}
+    harmless = (".loss.", "model_ema")  # training-only tensors some old .ckpt files still carry
+    return sorted(k for k, t in source.items() if ident(t) is not None and ident(t) not in used
+                  and ident(t)[0] != 0 and not any(h in k for h in harmless))
+
+
 def _assign_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str, source: str,
-                    hint: str = "", assign: bool = True) -> None:
+                    hint: str = "", assign: bool = True, unconverted: Sequence[str] = ()) -> None:
     """Strict load: every parameter present, nothing extra, every shape right, else G4SegError.
 
     1x1 conv weights and linear weights are interchangeable (SD1 uses convs for the
@@ -388,7 +403,7 @@ def _assign_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    unexpected = sorted(set(state_dict) - set(expected)) + list(unconverted)
     wrong = []
     for key in sorted(set(expected) & set(state_dict)):
         want, got = tuple(expected[key].shape), state_dict[key]
@@ -656,12 +671,14 @@ def load_single_file(path: Union[str, Path], family: Optional[str] = None, dtype
     components = components_from_configs(configs, family, prediction_type, empty=True,
                                          alphas_cumprod=_checkpoint_schedule(state_dict, source), files=[path])
     converted = convert_ldm_checkpoint(state_dict, family, components)
+    leftovers = {part: _unconverted(_subset(state_dict, prefix), converted[part])
+                 for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX))}
     del state_dict
     hint = (f"the {family} architecture comes from g4seg_core/configs ({FAMILIES[family]['unet']}, "
             f"{FAMILIES[family]['vae']}, {', '.join(FAMILIES[family]['text'])}); is the file complete and an "
             "unmodified SD1.x / SD2.x / SDXL-base checkpoint?")
-    _assign_weights(components.unet, converted["unet"], "UNet", source, hint)
-    _assign_weights(components.vae, converted["vae"], "VAE", source, hint)
+    _assign_weights(components.unet, converted["unet"], "UNet", source, hint, unconverted=leftovers["unet"])
+    _assign_weights(components.vae, converted["vae"], "VAE", source, hint, unconverted=leftovers["vae"])
     for i, (encoder, weights) in enumerate(zip(components.text_encoders, converted["text_encoders"])):
         _assign_weights(encoder, weights, f"text encoder {i + 1}", source, hint)
     return components.to(device, dtype)

@@ -186,7 +186,8 @@ def finish(out_dir: Path, report_method: Optional[str] = None) -> dict:
     return summary
 
 
-def print_summary(summary: dict, out=sys.stdout) -> None:
+def print_summary(summary: dict, out=None) -> None:
+    out = sys.stdout if out is None else out  # looked up at call time (captured streams)
     def f(v):
         return "   -  " if v is None else f"{v:6.2f}"
 
