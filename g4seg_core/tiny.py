@@ -12,8 +12,6 @@ from typing import Optional
 
 import torch
 
-from .errors import G4SegError
-
 TINY_TEXT_WIDTH = 32
 
 
@@ -70,15 +68,14 @@ def tiny_configs(family: str = "sd21") -> dict:
 def tiny_sd_components(family: str = "sd21", prediction_type: Optional[str] = None, seed: int = 0):
     """Tiny random SDComponents of a family ("sd15", "sd21", "sd21v", "sdxl"); deterministic per seed.
 
-    prediction_type None takes the family's ("sd21v" -> v_prediction, else epsilon). The global
-    torch RNG is left untouched.
+    prediction_type None takes the family's (epsilon); "sd21v" is always v_prediction, and
+    family "sd21" with prediction_type "v_prediction" becomes "sd21v". The global torch RNG is
+    left untouched.
     """
     from .loading import components_from_configs, normalize_family
 
     family = normalize_family(family)
-    if family == "sd21v":
-        if prediction_type not in (None, "v_prediction"):
-            raise G4SegError("family 'sd21v' is the v-prediction SD2.x model; use family='sd21' for epsilon")
+    if family == "sd21v":  # the family names the v-model; it wins over a default "epsilon" passed along
         prediction_type = "v_prediction"
     elif family == "sd21" and prediction_type == "v_prediction":
         family = "sd21v"
