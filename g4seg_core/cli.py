@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # our own process never talks to a hub
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

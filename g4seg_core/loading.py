@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-# The hub must never be contacted; set before diffusers/transformers read it (they are
-# imported lazily below). Local paths with local_files_only=True are the real guarantee.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The hub is never contacted: every from_pretrained gets a local path and local_files_only=True.
+# (The `g4seg` command also sets HF_HUB_OFFLINE for its own process; a library import does not
+# change the environment of the program that imports it.)
 
 import torch
 
