@@ -27,8 +27,8 @@ from .config import emi_time_factor
 from .errors import G4SegError
 
 MODES = ("additive", "densediffusion", "off")
-# Bound on the logits block materialised by the densediffusion mode (elements).
-_DD_BLOCK_ELEMENTS = 1 << 25
+# Bound on the logits block the densediffusion mode materialises for its row max/min (elements).
+_DD_BLOCK_ELEMENTS = 1 << 20  # ~4 MB of fp32 logits: stays in cache
 
 
 def grid_for_tokens(num_tokens: int, latent_h: int, latent_w: int) -> Tuple[int, int]:
@@ -69,11 +69,12 @@ def self_attention_bias(mask_tokens: torch.Tensor, weight: float) -> torch.Tenso
     return weight * torch.outer(mask_tokens, mask_tokens)
 
 
-def _relation(kind: str, mask_tokens: torch.Tensor, token_positions: Sequence[int], num_keys: int) -> torch.Tensor:
+def _key_vector(kind: str, mask_tokens: torch.Tensor, token_positions: Sequence[int], num_keys: int) -> torch.Tensor:
+    """r of the rank-1 relation R = m r^T: class-token indicator (cross) or the mask (self)."""
     if kind == "cross":
-        return cross_attention_bias(mask_tokens, token_positions, num_keys, 1.0) > 0.5
+        return cross_attention_bias(torch.ones(1, device=mask_tokens.device), token_positions, num_keys, 1.0)[0]
     if kind == "self":
-        return self_attention_bias(mask_tokens, 1.0) > 0.5
+        return (mask_tokens > 0.5).float()
     raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
 
 
@@ -126,20 +127,45 @@ def _additive(q, k, v, heads, bias):
     return _merge_heads(out)
 
 
-def _densediffusion(q, k, v, heads, relation, weight, area_scale, mask_tokens):
-    qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
-    b, h, nq, d = qh.shape
+def _row_extremes(qh: torch.Tensor, kh: torch.Tensor, scale: float):
+    """Row max and min of L = q k^T * scale, [B, heads, Nq] each, in query chunks (bounded memory)."""
+    b, h, nq, _ = qh.shape
     nk = kh.shape[2]
-    scale = 1.0 / math.sqrt(d)
-    # Rows are independent (row max/min, softmax), so query chunks give the exact result.
     chunk = max(1, min(nq, _DD_BLOCK_ELEMENTS // max(1, b * h * nk)))
-    strength = densediffusion_strength(weight, area_scale, mask_tokens)
-    out = torch.empty_like(qh)
+    row_max = torch.empty(b, h, nq, dtype=torch.float32, device=qh.device)
+    row_min = torch.empty_like(row_max)
+    keys_t = kh.transpose(-1, -2)
     for start in range(0, nq, chunk):
         stop = min(nq, start + chunk)
-        logits = torch.matmul(qh[:, :, start:stop].float(), kh.float().transpose(-1, -2)) * scale
-        logits = _modulate_rows(logits, relation[start:stop], strength, mask_tokens[start:stop])
-        out[:, :, start:stop] = torch.matmul(logits.softmax(dim=-1), vh.float()).to(out.dtype)
+        logits = torch.matmul(qh[:, :, start:stop], keys_t).float() * scale
+        row_max[:, :, start:stop] = logits.amax(dim=-1)
+        row_min[:, :, start:stop] = logits.amin(dim=-1)
+    return row_max, row_min
+
+
+def _densediffusion(q, k, v, heads, key_vector, weight, area_scale, mask_tokens):
+    """DenseDiffusion's modulation through one fused attention call, no [Nq, Nk] tensor kept.
+
+    On a modulated row i (s_i = w(1 - s*area) on foreground rows, 0 elsewhere), with
+    R[i, j] = m_i * r_j (r = the class-token indicator for cross, the mask for self):
+      L'_i = L_i + s_i [R_i (max_i - L_i) + (1 - R_i)(min_i - L_i)]
+           = (1 - s_i) L_i + s_i (max_i - min_i) R_i + s_i min_i.
+    The last term is constant along the row, so softmax ignores it. What is left is q_i
+    scaled by (1 - s_i) plus a rank-1 bias, applied exactly by appending one dimension to
+    q and k (and a zero one to v) while keeping the original 1/sqrt(d) scale.
+    """
+    qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    b, h, nq, d = qh.shape
+    scale = 1.0 / math.sqrt(d)
+    strength = densediffusion_strength(weight, area_scale, mask_tokens)
+    s_rows = strength * (mask_tokens > 0.5).float()  # [Nq]
+    row_max, row_min = _row_extremes(qh, kh, scale)
+    bias_scale = s_rows * (row_max - row_min)  # [B, heads, Nq]: coefficient of R_i
+    q_ext = torch.cat([qh * (1.0 - s_rows).to(qh.dtype)[:, None],
+                       (bias_scale / scale).to(qh.dtype)[..., None]], dim=-1)
+    k_ext = torch.cat([kh, key_vector.to(kh.dtype).view(1, 1, -1, 1).expand(b, h, -1, 1)], dim=-1)
+    v_ext = torch.cat([vh, vh.new_zeros(b, h, vh.shape[2], 1)], dim=-1)
+    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)[..., :d]
     return _merge_heads(out)
 
 
@@ -176,8 +202,8 @@ def injected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
             else:
                 raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
             return _additive(qs, ks, vs, heads, bias)
-        relation = _relation(kind, mask_tokens, token_positions, nk)
-        return _densediffusion(qs, ks, vs, heads, relation, weight, area_scale, mask_tokens)
+        return _densediffusion(qs, ks, vs, heads, _key_vector(kind, mask_tokens, token_positions, nk),
+                               weight, area_scale, mask_tokens)
 
     if bool(rows.all()):
         return modulated(q, k, v)

@@ -610,3 +610,23 @@ def class_probability_from_label_map(labels, class_index: Union[int, str]) -> np
     if not 0 <= idx <= 254:
         raise G4SegError(f"class index {idx}: use 0..254")
     return (arr == idx).astype(np.float32)
+
+
+def prepare_coarse(mask, working_size: int = 512, soften: str = "sdf",
+                   width: float = 8.0) -> Tuple[np.ndarray, str]:
+    """The probability map G4Seg refines, at the mask's own resolution: (prob, description).
+
+    Validates (NaN, range), refuses empty and full masks, and softens a binary mask (SPEC step
+    10) with `width` given in working-size pixels (scaled to the mask's resolution). Soft maps
+    are returned unchanged. Both the core pipeline and the ComfyUI nodes call this.
+    """
+    prob = validate_probability(mask, name="mask")
+    if float(prob.max()) <= 0.0:
+        raise G4SegError("the mask is empty (all zero): the coarse segmenter found no pixel of this class, "
+                         "so there is nothing to refine")
+    if float(prob.min()) >= 1.0:
+        raise G4SegError("the mask covers the whole image (all one): there is no boundary to refine")
+    if is_binary(prob) and soften != "none":
+        scale = max(prob.shape) / float(working_size)
+        return soften_binary(prob, mode=soften, width=width * scale)
+    return prob, "binary input, softening off" if is_binary(prob) else "soft input, not softened"

@@ -218,19 +218,11 @@ class G4SegPipeline:
         return ImageContext(pixels, z0, orig_feats, array.shape[:2])
 
     def prepare_mask(self, mask, size_hw, config: G4SegConfig):
-        """Validate, check the size, soften a binary mask. Returns (prob, description)."""
+        """Validate, check the size against the image, soften a binary mask: (prob, description)."""
         prob = mask_ops.validate_probability(np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor)
                                                         else mask, dtype=np.float32), name="mask")
         mask_ops.validate_pair(tuple(size_hw), prob.shape)
-        if mask_ops.is_binary(prob) and config.soften != "none":
-            scale = max(prob.shape) / float(config.size)  # soften_width is in working-size pixels
-            return mask_ops.soften_binary(prob, mode=config.soften, width=config.soften_width * scale)
-        if float(prob.max()) <= 0.0:
-            raise G4SegError("the mask is empty (all zero): the coarse segmenter found no pixel of this class, "
-                             "so there is nothing to refine")
-        if float(prob.min()) >= 1.0:
-            raise G4SegError("the mask covers the whole image (all one): there is no boundary to refine")
-        return prob, "soft input, not softened" if not mask_ops.is_binary(prob) else "binary input, softening off"
+        return mask_ops.prepare_coarse(prob, config.size, config.soften, config.soften_width)
 
     def refine(self, image, mask, label: str, config: Optional[G4SegConfig] = None,
                context: Optional[ImageContext] = None) -> RefineResult:

@@ -59,16 +59,16 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
     for i in range(batch):
         check_interrupt()
         img = pick(images, i)
-        prob = pick(masks, i).clamp(0, 1)
-        # Softening and injection at the working size (widths are in working-size pixels).
-        work_prob = torch.from_numpy(core_masks.resize_probability(prob.cpu().numpy(), work_hw, mode="bilinear"))
-        if core_masks.is_binary(prob.cpu().numpy()):
-            work_prob = (work_prob >= 0.5).float()
-        soft, _ = core_masks.soften_binary(work_prob.numpy(), mode=soften, width=float(soften_width))
-        soft = torch.from_numpy(np.ascontiguousarray(soft, dtype=np.float32))
+        # Same preparation as the core pipeline: validate, soften a binary mask at the mask's own
+        # resolution (width in working-size pixels), inject a working-size copy, mix at mask size.
+        soft_np, _ = core_masks.prepare_coarse(pick(masks, i).cpu().numpy(), max(work_hw), soften,
+                                               float(soften_width))
+        soft = torch.from_numpy(np.ascontiguousarray(soft_np, dtype=np.float32))
+        work_prob = torch.from_numpy(np.ascontiguousarray(
+            core_masks.resize_probability(soft_np, work_hw, mode="bilinear"), dtype=np.float32))
         work_img = resize_map(img.permute(2, 0, 1), work_hw).permute(1, 2, 0).clamp(0, 1)[None]
 
-        patched, positive, _ = inject_attention(model, clip, soft, class_name, prompt_template, emi_mode,
+        patched, positive, _ = inject_attention(model, clip, work_prob, class_name, prompt_template, emi_mode,
                                                 cross_weight, self_weight, area_scale, schedule)
         latent = {"samples": vae.encode(work_img[:, :, :, :3])}
         x0, _ = one_step_denoise(patched, positive, latent, int(timestep), int(seed) + i, negative=negative, cfg=cfg)
@@ -83,8 +83,7 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
         gf = features_for(extractor, gen, work_hw)
         out = update_from_features(soft, of, gf, beta=float(beta), band=(float(band_low), float(band_high)),
                                    iterations=int(iterations), direction=direction, grid=int(grid))
-        out = torch.as_tensor(out).float().clamp(0, 1)
-        refined_all.append(resize_map(out, mask_hw).clamp(0, 1))
+        refined_all.append(torch.as_tensor(out).float())  # already at the mask's size
         generated_all.append(gen)
         bar.update(1)
 
