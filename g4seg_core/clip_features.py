@@ -45,7 +45,11 @@ class DenseCLIPFeatures:
 
     def __init__(self, tokens_fn: Callable, patch_size: int, module: torch.nn.Module,
                  input_size: Optional[int] = None, name: str = "clip",
-                 mean=CLIP_MEAN, std=CLIP_STD):
+                 mean=CLIP_MEAN, std=CLIP_STD, compute_device=None, compute_dtype=None):
+        # compute_device/dtype: for hosts that store weights in one dtype and compute in another
+        # (ComfyUI keeps CLIP vision in fp16 and casts per layer to the input's dtype).
+        self.compute_device = compute_device
+        self.compute_dtype = compute_dtype
         self.tokens_fn = tokens_fn
         self.patch_size = int(patch_size)
         self.module = module
@@ -56,11 +60,12 @@ class DenseCLIPFeatures:
 
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return torch.device(self.compute_device) if self.compute_device is not None \
+            else next(self.module.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
+        return self.compute_dtype or next(self.module.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "DenseCLIPFeatures":
         self.module.to(device=device, dtype=dtype)

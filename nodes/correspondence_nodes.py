@@ -12,6 +12,7 @@ from g4seg_core.clip_features import DenseCLIPFeatures, interpolate_position_gri
 from g4seg_core.config import DIRECTIONS, G4SegConfig
 from g4seg_core.correspondence import grid_match_to_pixels, match_features, resample_features
 from g4seg_core.errors import G4SegError
+from g4seg_core.injection import plain_attention
 from g4seg_core.mixing import update_from_features
 
 from .common import (CATEGORY, Progress, check_aspect, check_interrupt, chw_to_image, image_batch,
@@ -36,6 +37,21 @@ class G4SegCorrespondence:
 
 
 # --------------------------------------------------------------------------- ComfyUI CLIP_VISION adapter
+
+def _sdpa_attention(q, k, v, heads, mask=None, **kwargs):
+    """ComfyUI's attention-function signature on PyTorch SDPA (ComfyUI's --cpu default einsum is slow)."""
+    return plain_attention(q, k, v, heads)
+
+
+def _run_encoder(encoder, x):
+    """The CLIP encoder layer by layer with SDPA attention; the encoder's own forward if its layout differs."""
+    layers = getattr(encoder, "layers", None)
+    if layers is None:
+        return encoder(x, mask=None, intermediate_output=None)[0]
+    for layer in layers:
+        x = layer(x, None, _sdpa_attention)
+    return x
+
 
 def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
     """DenseCLIPFeatures running ComfyUI's own CLIP vision transformer on the full image.
@@ -70,7 +86,7 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
             cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
             x = torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1)
         x = vision.pre_layrnorm(x)
-        x, _ = vision.encoder(x, mask=None, intermediate_output=None)
+        x = _run_encoder(vision.encoder, x)
         if has_cls:
             x = x[:, 1:]
         x = vision.post_layernorm(x)
@@ -86,7 +102,10 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
     mean = getattr(clip_vision, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
     std = getattr(clip_vision, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
     mm.load_model_gpu(clip_vision.patcher)
-    feats = DenseCLIPFeatures(tokens_fn, patch, _Module(outer), name="comfy-clip-vision", mean=mean, std=std)
+    # fp32 inputs, as ComfyUI's own encode_image: the weights may be stored in fp16 (ComfyUI's CPU
+    # default) and its manual-cast layers compute in the input's dtype; fp16 on a CPU is very slow.
+    feats = DenseCLIPFeatures(tokens_fn, patch, _Module(outer), name="comfy-clip-vision", mean=mean, std=std,
+                              compute_device=getattr(clip_vision, "load_device", None), compute_dtype=torch.float32)
     return feats
 
 
