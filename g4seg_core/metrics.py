@@ -37,7 +37,7 @@ import numpy as np
 from .errors import G4SegError
 
 __all__ = [
-    "iou", "ConfusionMatrix", "boundary_band", "boundary_counts", "boundary_iou",
+    "iou", "as_bool_mask", "ConfusionMatrix", "boundary_band", "boundary_counts", "boundary_iou",
     "boundary_dilation", "mba", "mba_radii", "erode_square", "dilate_disk", "erode_disk",
     "grey_dilate_disk", "grey_erode_disk", "disk_half_widths",
 ]
@@ -45,7 +45,8 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- helpers
 
-def _as_bool(mask, name: str) -> np.ndarray:
+def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
+    """A 2-D mask as bool: floats at >= 0.5, integers and others at != 0."""
     arr = np.asarray(mask)
     if arr.ndim != 2:
         raise G4SegError(f"{name} must be a 2-D mask [H, W], got shape {arr.shape}")
@@ -188,8 +189,8 @@ def iou(pred, gt, empty: float = 1.0, valid: Optional[np.ndarray] = None) -> flo
     ``valid``: optional bool mask of pixels to count (e.g. ``gt_labels != 255``).
     Returns ``empty`` when both masks are empty.
     """
-    p = _as_bool(pred, "pred")
-    g = _as_bool(gt, "gt")
+    p = as_bool_mask(pred, "pred")
+    g = as_bool_mask(gt, "gt")
     _same_shape(p, g)
     if valid is not None:
         v = np.asarray(valid, dtype=bool)
@@ -334,7 +335,7 @@ def boundary_dilation(shape: Tuple[int, int], dilation_ratio: float = 0.02) -> i
 
 def boundary_band(mask, dilation_ratio: float = 0.02, dilation: Optional[int] = None) -> np.ndarray:
     """Pixels of ``mask`` within chessboard distance d of the background (or image edge)."""
-    m = _as_bool(mask, "mask")
+    m = as_bool_mask(mask, "mask")
     d = boundary_dilation(m.shape, dilation_ratio) if dilation is None else int(dilation)
     return m & ~erode_square(m, d, outside=False)
 
@@ -342,8 +343,8 @@ def boundary_band(mask, dilation_ratio: float = 0.02, dilation: Optional[int] = 
 def boundary_counts(pred, gt, dilation_ratio: float = 0.02,
                     valid: Optional[np.ndarray] = None) -> Tuple[int, int]:
     """(intersection, union) of the two boundary bands, restricted to ``valid`` pixels."""
-    p = _as_bool(pred, "pred")
-    g = _as_bool(gt, "gt")
+    p = as_bool_mask(pred, "pred")
+    g = as_bool_mask(gt, "gt")
     _same_shape(p, g)
     d = boundary_dilation(g.shape, dilation_ratio)
     bp = boundary_band(p, dilation=d)
@@ -373,8 +374,8 @@ def mba_radii(shape: Tuple[int, int], steps: int = 5) -> List[int]:
 
 def mba(pred, gt, steps: int = 5, valid: Optional[np.ndarray] = None) -> float:
     """CascadePSP mean boundary accuracy of binary masks (NaN if gt has no boundary)."""
-    p = _as_bool(pred, "pred")
-    g = _as_bool(gt, "gt")
+    p = as_bool_mask(pred, "pred")
+    g = as_bool_mask(gt, "gt")
     _same_shape(p, g)
     v = None if valid is None else np.asarray(valid, dtype=bool)
     agree = p == g

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from .errors import ModelNotFoundError
 
@@ -94,32 +94,46 @@ def _explicit(value, what: str, flag: str) -> Path:
     return path
 
 
-def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[str, Path, None] = None) -> Path:
-    """SD checkpoint: a single .safetensors/.ckpt file or a diffusers folder (see the module docstring)."""
+def _search(explicit, env_var: str, flag: str, resolve, comfyui_dir,
+            folders: Sequence[Tuple[str, Callable[[Path], List[Path]], str]], table, kind: str):
+    """(found, looked): explicit path, then $env_var, then each ComfyUI folder in turn.
+
+    folders: (path below the ComfyUI root, candidates in that folder, what "nothing there" means).
+    """
     if explicit:
-        return _explicit(explicit, "checkpoint", "--checkpoint")
-    env = os.environ.get(CHECKPOINT_ENV)
+        return resolve(explicit, flag), []
+    env = os.environ.get(env_var)
     if env:
-        return _explicit(env, "checkpoint", f"${CHECKPOINT_ENV}")
-    looked = [f"--checkpoint (not given)", f"${CHECKPOINT_ENV} (not set)"]
+        return resolve(env, f"${env_var}"), []
+    looked = [f"{flag} (not given)", f"${env_var} (not set)"]
     root, origin = _comfyui_root(comfyui_dir)
     if root is None:
         looked.append(f"a ComfyUI install (--comfyui-dir not given, ${COMFYUI_ENV} not set)")
-    else:
-        checkpoints = root / "models" / "checkpoints"
-        found = _pick(_files(checkpoints, CHECKPOINT_EXTENSIONS), checkpoints, _CHECKPOINT_RANKS, "checkpoint")
+        return None, looked
+    for relative, candidates, nothing in folders:
+        folder = root / relative
+        found = _pick(candidates(folder), folder, table, kind)
         if found:
-            return found
-        looked.append(f"{checkpoints} (from {origin}): no {'/'.join(CHECKPOINT_EXTENSIONS)} files"
-                      + ("" if checkpoints.is_dir() else ", folder missing"))
-        diffusers_dir = root / "models" / "diffusers"
-        folders = ([p for p in diffusers_dir.iterdir() if (p / "model_index.json").is_file()]
-                   if diffusers_dir.is_dir() else [])
-        found = _pick(folders, diffusers_dir, _CHECKPOINT_RANKS, "checkpoint")
-        if found:
-            return found
-        looked.append(f"{diffusers_dir} (from {origin}): no diffusers folders with model_index.json"
-                      + ("" if diffusers_dir.is_dir() else ", folder missing"))
+            return found, looked
+        looked.append(f"{folder} (from {origin}): {nothing}" + ("" if folder.is_dir() else ", folder missing"))
+    return None, looked
+
+
+def _diffusers_folders(folder: Path) -> List[Path]:
+    return [p for p in folder.iterdir() if (p / "model_index.json").is_file()] if folder.is_dir() else []
+
+
+def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[str, Path, None] = None) -> Path:
+    """SD checkpoint: a single .safetensors/.ckpt file or a diffusers folder (see the module docstring)."""
+    found, looked = _search(
+        explicit, CHECKPOINT_ENV, "--checkpoint", lambda value, flag: _explicit(value, "checkpoint", flag),
+        comfyui_dir,
+        [("models/checkpoints", lambda f: _files(f, CHECKPOINT_EXTENSIONS),
+          f"no {'/'.join(CHECKPOINT_EXTENSIONS)} files"),
+         ("models/diffusers", _diffusers_folders, "no diffusers folders with model_index.json")],
+        _CHECKPOINT_RANKS, "checkpoint")
+    if found:
+        return found
     raise ModelNotFoundError(
         "no Stable Diffusion checkpoint found. Looked at:\n  - " + "\n  - ".join(looked) +
         "\nPoint at one with --checkpoint PATH (a .safetensors/.ckpt file or a diffusers folder), "
@@ -138,22 +152,12 @@ def find_clip_vision(explicit: Union[str, Path, None] = None,
         path = _explicit(file, "CLIP image encoder weights", flag)
         return f"{name}:{path}" if name else path
 
-    if explicit:
-        return resolve(explicit, "--clip")
-    env = os.environ.get(CLIP_ENV)
-    if env:
-        return resolve(env, f"${CLIP_ENV}")
-    looked = ["--clip (not given)", f"${CLIP_ENV} (not set)"]
-    root, origin = _comfyui_root(comfyui_dir)
-    if root is None:
-        looked.append(f"a ComfyUI install (--comfyui-dir not given, ${COMFYUI_ENV} not set)")
-    else:
-        folder = root / "models" / "clip_vision"
-        found = _pick(_files(folder, CLIP_EXTENSIONS), folder, _CLIP_RANKS, "CLIP vision")
-        if found:
-            return found
-        looked.append(f"{folder} (from {origin}): no {'/'.join(CLIP_EXTENSIONS)} files"
-                      + ("" if folder.is_dir() else ", folder missing"))
+    found, looked = _search(
+        explicit, CLIP_ENV, "--clip", resolve, comfyui_dir,
+        [("models/clip_vision", lambda f: _files(f, CLIP_EXTENSIONS), f"no {'/'.join(CLIP_EXTENSIONS)} files")],
+        _CLIP_RANKS, "CLIP vision")
+    if found:
+        return found
     raise ModelNotFoundError(
         "no CLIP image encoder found. Looked at:\n  - " + "\n  - ".join(looked) +
         "\nPoint at one with --clip PATH (a models/clip_vision .safetensors, open_clip weights, or "

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import G4SegError
-from .metrics import dilate_disk, erode_disk
+from .metrics import as_bool_mask, dilate_disk, erode_disk
 
 __all__ = ["make_coarse", "parse_protocol", "derive_seed", "perturb_to_iou",
            "simplify_contour", "lowres", "PROTOCOL_EXAMPLES"]
@@ -72,17 +72,6 @@ def derive_seed(seed: int, *parts) -> int:
     """A 32-bit seed from a base seed and any labels (stable across runs and processes)."""
     text = "\x1f".join([str(int(seed))] + [str(p) for p in parts])
     return zlib.crc32(text.encode("utf-8")) & 0xFFFFFFFF
-
-
-def _to_bool(gt) -> np.ndarray:
-    arr = np.asarray(gt)
-    if arr.ndim != 2:
-        raise G4SegError(f"ground-truth mask must be 2-D [H, W], got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        return arr
-    if np.issubdtype(arr.dtype, np.floating):
-        return arr >= 0.5
-    return arr != 0
 
 
 def lowres(gt: np.ndarray, factor: int) -> np.ndarray:
@@ -129,7 +118,7 @@ def perturb_to_iou(gt, target: float, seed: int = 0, max_steps: int = 20000,
     ``valid``: pixels the IoU is measured on (e.g. ``labels != 255``), so the target
     holds for the metric that will be computed; default all.
     """
-    g = _to_bool(gt)
+    g = as_bool_mask(gt, "ground-truth mask")
     rng = np.random.default_rng(seed)
     v = np.ones(g.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     if v.shape != g.shape:
@@ -185,7 +174,7 @@ def make_coarse(gt, protocol: str, seed: int = 0, valid: Optional[np.ndarray] = 
     ``valid`` (perturb only): the pixels the IoU target is measured on (not ignored).
     """
     kind, value = parse_protocol(protocol)
-    g = _to_bool(gt)
+    g = as_bool_mask(gt, "ground-truth mask")
     if kind == "gt":
         out = g
     elif kind == "perturb":

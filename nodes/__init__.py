@@ -5,6 +5,7 @@ is inside a function, so tests can inspect the declarations without a ComfyUI in
 """
 
 from .correspondence_nodes import G4SegCLIPCorrespondence, G4SegMixForeground
+from .densecrf_node import G4SegDenseCRF
 from .inject_nodes import G4SegInjectAttention, G4SegOneStepDenoise
 from .mask_nodes import G4SegLoadCoarseMask, G4SegMaskToSegPalette
 from .refine_node import G4SegRefine
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "G4SegMixForeground": G4SegMixForeground,
     "G4SegRefine": G4SegRefine,
     "G4SegMaskToSegPalette": G4SegMaskToSegPalette,
+    "G4SegDenseCRF": G4SegDenseCRF,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,6 +30,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "G4SegMixForeground": "Mix Foreground (G4Seg)",
     "G4SegRefine": "Refine Mask (G4Seg)",
     "G4SegMaskToSegPalette": "Mask to Seg Palette (G4Seg)",
+    "G4SegDenseCRF": "DenseCRF (G4Seg)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -57,3 +57,31 @@ def test_densecrf_multiclass_and_validation():
     # hard 0/1 inputs: confidence < 1 lets the CRF move them
     hard = (noisy > 0.5).astype(np.float32)
     assert iou(dense_crf(img, hard, confidence=0.8), gt) > iou(hard, gt) + 0.1
+
+
+def test_densecrf_node_batch_matches_core_and_checks_inputs():
+    pytest.importorskip("pydensecrf.densecrf")
+    import torch
+
+    from g4seg_core.densecrf import dense_crf
+    from nodes import NODE_CLASS_MAPPINGS
+
+    node = NODE_CLASS_MAPPINGS["G4SegDenseCRF"]()
+    img, gt, noisy = scene()
+    img2, gt2, noisy2 = scene(seed=1)
+    images = torch.from_numpy(np.stack([img, img2])).float() / 255.0
+    masks = torch.from_numpy(np.stack([noisy, noisy2]))
+    prob, binary = node.refine(images, masks, 10, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)
+    assert prob.shape == binary.shape == (2, 64, 80)
+    # the node converts IMAGE -> uint8 exactly as a user of the core would
+    np.testing.assert_allclose(prob[1].numpy(), dense_crf(img2, noisy2), atol=1e-5)
+    assert torch.equal(binary, (prob >= 0.5).float())
+    assert iou(prob[0].numpy(), gt) > iou(noisy, gt) + 0.1
+    # one mask for a batch of images broadcasts; wrong size / out of range / batch mismatch are errors
+    assert node.refine(images, masks[:1], 2, 3.0, 3.0, 80.0, 13.0, 10.0, 0.8, 0.5)[0].shape == (2, 64, 80)
+    with pytest.raises(G4SegError, match="resize the mask"):
+        node.refine(images, masks[:, :32], 2, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)
+    with pytest.raises(G4SegError, match=r"\[0, 1\]"):
+        node.refine(images, masks * 3, 2, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)
+    with pytest.raises(G4SegError, match="batch"):
+        node.refine(images, torch.cat([masks, masks[:1]]), 2, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)

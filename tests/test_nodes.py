@@ -13,7 +13,7 @@ from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from nodes import common, correspondence_nodes, inject_nodes, mask_nodes, refine_node
 
 IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4SegCLIPCorrespondence",
-       "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette"]
+       "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette", "G4SegDenseCRF"]
 
 # Widget order is permanent (saved workflows store values by position): pin it.
 WIDGET_ORDER = {
@@ -26,6 +26,8 @@ WIDGET_ORDER = {
                     "band_high", "iterations", "threshold", "size", "soften", "soften_width", "prompt_template",
                     "area_scale", "schedule", "grid", "direction"],
     "G4SegMaskToSegPalette": ["class_name", "threshold", "background"],
+    "G4SegDenseCRF": ["iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
+                      "bilateral_compat", "confidence", "threshold"],
 }
 
 

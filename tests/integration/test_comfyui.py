@@ -40,7 +40,7 @@ CLIP_VISION = "g4seg_test_vitl14.safetensors"
 IMAGE, MASK = "g4seg_it_image.png", "g4seg_it_mask.png"
 W, H = 80, 64
 OUR_IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4SegCLIPCorrespondence",
-           "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette"]
+           "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette", "G4SegDenseCRF"]
 
 
 def _env():
