@@ -1,10 +1,13 @@
 """Seconds per image: the core pipeline vs the G4SegRefine node in a real ComfyUI, same run.
 
 Both load the same two files (an SD checkpoint and a CLIP vision file from ComfyUI's model
-folders) and refine the same-size image with the same parameters, one after the other:
+folders) and refine the same-size image with the same parameters. Shared machines drift by
+tens of percent over minutes, so the two sides alternate: each round starts a fresh core
+process, then a fresh ComfyUI process, each loading the models and refining `--runs` times
+(the first run of each process is warm-up and not counted):
 
-    COMFYUI_PATH=/path/ComfyUI python bench/compare_comfyui.py \
-        --checkpoint /path/ComfyUI/models/checkpoints/sd21.safetensors \
+    COMFYUI_PATH=/path/ComfyUI python bench/compare_comfyui.py \\
+        --checkpoint /path/ComfyUI/models/checkpoints/sd21.safetensors \\
         --clip /path/ComfyUI/models/clip_vision/clip_vision_l.safetensors [--comfy-python PY] [--size 512]
 
 Random-weight files of the right architecture (tools/make_test_comfy_models.py --size full)
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,14 +44,28 @@ def core_seconds(checkpoint: str, clip: str, size: int, runs: int) -> dict:
     mask = np.zeros((size, size), np.float32)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     config = G4SegConfig(size=size)
-    times, stages = [], None
+    times, stages = [], []
     for i in range(runs):
         start = time.perf_counter()
         result = pipe.refine(image, mask, "cat", config.replace(seed=i))
         times.append(time.perf_counter() - start)
-        stages = result.timings
-    return {"load_s": load_s, "seconds_per_image": times, "stages_last_run_s": stages,
-            "threads": torch.get_num_threads()}
+        stages.append(result.timings)
+    return {"load_s": load_s, "seconds_per_image": times, "stages_s": stages, "threads": torch.get_num_threads()}
+
+
+def _last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def run_worker(command) -> dict:
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"worker failed ({' '.join(command[:3])} ...):\n{out.stderr[-3000:]}")
+    return _last_json_line(out.stdout)
+
+
+def summary(samples) -> str:
+    return f"median {statistics.median(samples):.1f} s, best {min(samples):.1f} s, n={len(samples)}"
 
 
 def main() -> int:
@@ -56,20 +74,37 @@ def main() -> int:
     parser.add_argument("--clip", required=True)
     parser.add_argument("--comfy-python", default=os.environ.get("COMFYUI_PYTHON", sys.executable))
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=2, help="the first run includes warm-up")
+    parser.add_argument("--runs", type=int, default=2, help="refines per process; the first is warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating core/ComfyUI process pairs")
+    parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--worker-core", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.runs < 2:
+        parser.error("--runs must be >= 2 (the first run of each process is warm-up)")
+    if args.worker_core:
+        print(json.dumps(core_seconds(args.checkpoint, args.clip, args.size, args.runs)), flush=True)
+        return 0
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout")
-    core = core_seconds(args.checkpoint, args.clip, args.size, args.runs)
-    print("core:", json.dumps(core), flush=True)
-    script = ROOT / "tests" / "integration" / "comfy_inprocess.py"
-    out = subprocess.run([args.comfy_python, str(script), "bench", args.checkpoint, args.clip, str(args.size),
-                          str(args.runs)], capture_output=True, text=True, check=True)
-    node = json.loads(out.stdout.strip().splitlines()[-1])
-    print("comfyui G4SegRefine:", json.dumps(node), flush=True)
-    core_s, node_s = min(core["seconds_per_image"]), min(node["seconds_per_image"])
-    print(f"\n{args.size}x{args.size} CPU, best of {args.runs}: core {core_s:.1f} s/image, "
-          f"ComfyUI G4SegRefine {node_s:.1f} s/image, node/core = {node_s / core_s:.2f}")
+    core_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-core", "--checkpoint", args.checkpoint,
+                "--clip", args.clip, "--size", str(args.size), "--runs", str(args.runs)]
+    node_cmd = [args.comfy_python, str(ROOT / "tests" / "integration" / "comfy_inprocess.py"), "bench",
+                args.checkpoint, args.clip, str(args.size), str(args.runs)]
+    rounds = []
+    for r in range(args.rounds):
+        core = run_worker(core_cmd)
+        print(f"round {r + 1} core:", json.dumps(core), flush=True)
+        node = run_worker(node_cmd)
+        print(f"round {r + 1} comfyui G4SegRefine:", json.dumps(node), flush=True)
+        rounds.append({"core": core, "node": node})
+    core_s = [s for rd in rounds for s in rd["core"]["seconds_per_image"][1:]]
+    node_s = [s for rd in rounds for s in rd["node"]["seconds_per_image"][1:]]
+    ratio = statistics.median(node_s) / statistics.median(core_s)
+    print(f"\n{args.size}x{args.size} CPU, warm runs only: core {summary(core_s)}; "
+          f"ComfyUI G4SegRefine {summary(node_s)}; node/core (medians) = {ratio:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rounds": rounds, "core_s": core_s, "node_s": node_s,
+                                               "node_over_core_median": ratio}, indent=2))
     return 0
 
 

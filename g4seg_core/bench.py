@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .config import G4SegConfig
+from .errors import G4SegError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -59,7 +60,10 @@ def run_bench(args) -> int:
     from .pipeline import G4SegPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if device != "cpu" else "float32"
+    dtype = args.dtype or ("float32" if device == "cpu" else "float16")
+    if device == "cpu" and dtype != "float32":
+        raise G4SegError(f"--dtype {dtype} on CPU: half precision is slow or unsupported there; "
+                         "use --dtype float32 (the default on CPU) or --device cuda")
     print(f"g4seg bench: SD2.1 architecture, random weights, {args.size}x{args.size}, {device}, {dtype}, "
           f"torch threads {torch.get_num_threads()}")
     torch.manual_seed(0)

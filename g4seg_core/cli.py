@@ -235,10 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="per-stage time and memory on a full-size SD2.1-architecture model")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="default: float16 on a GPU, float32 on CPU")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8, help="batch size for the batched GPU throughput run")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_bench)
 

@@ -83,13 +83,13 @@ def _linear_operator(n_in: int, n_out: int) -> torch.Tensor:
 def match_upsampled_features(query: torch.Tensor, ref: torch.Tensor, grid: int, keys_per_chunk: int = 256):
     """match_features(resample_features(query, grid), resample_features(ref, grid)), done fast.
 
-    Bilinear upsampling is a linear operator Ay (x) Ax on the native grid, so the [G², G²]
-    similarity is (Ay (x) Ax) Q^T R_n: a product at the native grid, then two small separable
-    contractions, about 7x fewer operations than the direct [G², C] x [C, G²] product at
-    G = 128, C = 512. Keys are processed in chunks small enough to stay in cache, keeping a
-    running argmax (memory O(G² * keys_per_chunk)). Key normalisation is exact; query norms do
-    not change an argmax. Ties (duplicated border cells) may resolve to a different index of
-    equal similarity.
+    Bilinear upsampling is a linear operator U = Ay (x) Ax on the native grid, so the [G², G²]
+    similarity is U Q^T R U^T / |key|: one product at the native grid, then small separable
+    contractions on both sides (about 1.8x fewer operations than upsampling only the queries,
+    13x fewer than the direct [G², C] x [C, G²] product at G = 128, C = 512). Keys go in chunks
+    of whole grid rows with a running argmax, so memory is O(h*w*h*G + G² * keys_per_chunk),
+    never the [G², G²] matrix. Key normalisation is exact; query norms do not change an argmax.
+    Ties (duplicated border cells) may resolve to a different index of equal similarity.
     """
     _check_feature_map("query", query)
     _check_feature_map("reference", ref)
@@ -97,16 +97,21 @@ def match_upsampled_features(query: torch.Tensor, ref: torch.Tensor, grid: int, 
         raise G4SegError(f"feature maps differ in shape: {tuple(query.shape)} vs {tuple(ref.shape)}")
     c, h, w = query.shape
     ay, ax = _linear_operator(h, grid).to(query.device), _linear_operator(w, grid).to(query.device)
-    keys = F.normalize(resample_features(ref.float(), grid).reshape(c, -1), dim=0).t().contiguous()  # [G², C]
-    queries = query.float().reshape(c, h * w).t().contiguous()  # [h*w, C], native grid
+    # |upsampled key| per key location; F.normalize divides by max(norm, 1e-12)
+    key_norms = resample_features(ref.float(), grid).reshape(c, -1).norm(dim=0).clamp_min(1e-12)
+    native = torch.mm(query.float().reshape(c, h * w).t(), ref.float().reshape(c, h * w))  # [hw_q, hw_k]
+    keys_x = torch.matmul(native.view(h * w, h, w), ax.t())  # [hw_q, h_k, G]: keys' x axis upsampled
     n = grid * grid
+    rows = max(1, keys_per_chunk // grid)
     best_value = torch.full((n,), -float("inf"), device=query.device)
     best_index = torch.zeros(n, dtype=torch.long, device=query.device)
-    for start in range(0, n, keys_per_chunk):
-        stop = min(n, start + keys_per_chunk)
-        native = torch.mm(queries, keys[start:stop].t())  # [h*w, k]
-        across = torch.matmul(ax, native.view(h, w, -1))  # [h, G, k]: x axis upsampled
-        sims = torch.mm(ay, across.view(h, -1)).view(n, -1)  # [G², k]: y axis upsampled
+    for y0 in range(0, grid, rows):
+        y1 = min(grid, y0 + rows)
+        start = y0 * grid
+        block = torch.matmul(ay[y0:y1], keys_x).view(h * w, -1)  # [hw_q, k]: these key rows, upsampled
+        block = block / key_norms[start:y1 * grid]
+        across = torch.matmul(ax, block.view(h, w, -1))  # [h, G, k]: queries' x axis upsampled
+        sims = torch.mm(ay, across.view(h, -1)).view(n, -1)  # [G², k]: queries' y axis upsampled
         value, index = sims.max(dim=1)
         better = value > best_value
         best_value = torch.where(better, value, best_value)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,17 @@ from .correspondence_nodes import comfy_clip_vision_features, features_for
 from .inject_nodes import inject_attention, one_step_denoise
 
 _D = G4SegConfig()
+log = logging.getLogger("g4seg")
+
+
+@contextmanager
+def _stage(timings: dict, name: str):
+    """Wall time of one stage (GPU work finished first, so the time is the stage's own)."""
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def working_size(size: int, hw) -> tuple:
@@ -35,7 +50,9 @@ def working_size(size: int, hw) -> tuple:
 def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, seed, emi_mode, cross_weight,
            self_weight, beta, band_low, band_high, iterations, threshold, size, soften, soften_width,
            prompt_template=_D.prompt_template, area_scale=_D.area_scale, schedule=_D.emi_schedule,
-           grid=_D.correspondence_grid, direction=_D.direction, cfg=1.0, negative=None, extractor=None):
+           grid=_D.correspondence_grid, direction=_D.direction, cfg=1.0, negative=None, extractor=None,
+           stage_timings=None):
+    """The node's work; `stage_timings`, a list, receives one {stage: seconds} dict per image."""
     class_name = class_name_or_error(class_name)
     if soften not in SOFTEN_MODES:
         raise G4SegError(f"soften {soften!r}: choose one of {SOFTEN_MODES}")
@@ -68,21 +85,33 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
             core_masks.resize_probability(soft_np, work_hw, mode="bilinear"), dtype=np.float32))
         work_img = resize_map(img.permute(2, 0, 1), work_hw).permute(1, 2, 0).clamp(0, 1)[None]
 
-        patched, positive, _ = inject_attention(model, clip, work_prob, class_name, prompt_template, emi_mode,
-                                                cross_weight, self_weight, area_scale, schedule)
-        latent = {"samples": vae.encode(work_img[:, :, :, :3])}
-        x0, _ = one_step_denoise(patched, positive, latent, int(timestep), int(seed) + i, negative=negative, cfg=cfg)
-        generated = vae.decode(x0["samples"]).float()
-        if generated.dim() == 5:  # some VAEs return [B, T, H, W, C]
-            generated = generated.reshape(-1, *generated.shape[-3:])
-        gen = generated[0].cpu().clamp(0, 1)
-        if tuple(gen.shape[:2]) != work_hw:
-            gen = resize_map(gen.permute(2, 0, 1), work_hw).permute(1, 2, 0)
-
-        of = features_for(extractor, work_img[0].cpu(), work_hw)
-        gf = features_for(extractor, gen, work_hw)
-        out = update_from_features(soft, of, gf, beta=float(beta), band=(float(band_low), float(band_high)),
-                                   iterations=int(iterations), direction=direction, grid=int(grid))
+        timings = {}
+        with _stage(timings, "inject_and_encode_prompt"):
+            patched, positive, _ = inject_attention(model, clip, work_prob, class_name, prompt_template, emi_mode,
+                                                    cross_weight, self_weight, area_scale, schedule)
+        with _stage(timings, "vae_encode"):
+            latent = {"samples": vae.encode(work_img[:, :, :, :3])}
+        with _stage(timings, "unet"):
+            x0, _ = one_step_denoise(patched, positive, latent, int(timestep), int(seed) + i, negative=negative,
+                                     cfg=cfg)
+        with _stage(timings, "vae_decode"):
+            generated = vae.decode(x0["samples"]).float()
+            if generated.dim() == 5:  # some VAEs return [B, T, H, W, C]
+                generated = generated.reshape(-1, *generated.shape[-3:])
+            gen = generated[0].cpu().clamp(0, 1)
+            if tuple(gen.shape[:2]) != work_hw:
+                gen = resize_map(gen.permute(2, 0, 1), work_hw).permute(1, 2, 0)
+        with _stage(timings, "clip_original"):
+            of = features_for(extractor, work_img[0].cpu(), work_hw)
+        with _stage(timings, "clip_generated"):
+            gf = features_for(extractor, gen, work_hw)
+        with _stage(timings, "correspondence_and_mixing"):
+            out = update_from_features(soft, of, gf, beta=float(beta), band=(float(band_low), float(band_high)),
+                                       iterations=int(iterations), direction=direction, grid=int(grid))
+        log.info("G4SegRefine image %d/%d: %s", i + 1, batch,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+        if stage_timings is not None:
+            stage_timings.append(timings)
         refined_all.append(torch.as_tensor(out).float())  # already at the mask's size
         generated_all.append(gen)
         bar.update(1)

@@ -93,3 +93,8 @@ def test_unreadable_and_non_rgb_inputs(tmp_path, capsys):
 def test_selfcheck_command(capsys):
     assert main(["selfcheck"]) == 0
     assert "selfcheck passed" in capsys.readouterr().out
+
+
+def test_bench_refuses_half_precision_on_cpu_before_building(capsys):
+    assert main(["bench", "--device", "cpu", "--dtype", "float16"]) == 2
+    assert "--dtype float32" in capsys.readouterr().err

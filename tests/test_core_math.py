@@ -291,7 +291,8 @@ def test_default_direction_fixes_over_segmentation_literal_reinforces_it():
     assert match.shape == (8, 12) and delta.shape == (16, 24)
 
 
-@pytest.mark.parametrize("shape, grid, chunk", [((16, 5, 7), 16, 256), ((8, 4, 4), 12, 7), ((8, 6, 6), 6, 5)])
+@pytest.mark.parametrize("shape, grid, chunk", [((16, 5, 7), 16, 256), ((8, 4, 4), 12, 7), ((8, 6, 6), 6, 5),
+                                               ((8, 4, 4), 10, 30), ((8, 9, 7), 5, 10)])
 def test_fast_upsampled_matching_equals_direct(shape, grid, chunk):
     """Same similarity at the chosen index as the direct route (ties may pick another index)."""
     from g4seg_core.correspondence import match_upsampled_features
