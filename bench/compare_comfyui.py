@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def core_seconds(checkpoint: str, clip: str, size: int, runs: int) -> dict:
+def core_seconds(checkpoint: str, clip: str, size: int, runs: int, device: str) -> dict:
     import numpy as np
     import torch
 
@@ -37,7 +37,9 @@ def core_seconds(checkpoint: str, clip: str, size: int, runs: int) -> dict:
     from g4seg_core.pipeline import G4SegPipeline
 
     start = time.perf_counter()
-    pipe = G4SegPipeline.from_pretrained(checkpoint, clip=clip, device="cpu")
+    # the dtype ComfyUI computes in on that device: fp32 on CPU, fp16 on a GPU
+    pipe = G4SegPipeline.from_pretrained(checkpoint, clip=clip, device=device,
+                                         dtype="float32" if device == "cpu" else "float16")
     load_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
@@ -50,7 +52,8 @@ def core_seconds(checkpoint: str, clip: str, size: int, runs: int) -> dict:
         result = pipe.refine(image, mask, "cat", config.replace(seed=i))
         times.append(time.perf_counter() - start)
         stages.append(result.timings)
-    return {"load_s": load_s, "seconds_per_image": times, "stages_s": stages, "threads": torch.get_num_threads()}
+    return {"device": device, "load_s": load_s, "seconds_per_image": times, "stages_s": stages,
+            "threads": torch.get_num_threads()}
 
 
 def _last_json_line(text: str) -> dict:
@@ -76,18 +79,25 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=2, help="refines per process; the first is warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="alternating core/ComfyUI process pairs")
+    parser.add_argument("--device", default=None,
+                        help="core side: cuda when available, else cpu (ComfyUI picks its own the same way)")
     parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--worker-core", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runs < 2:
         parser.error("--runs must be >= 2 (the first run of each process is warm-up)")
     if args.worker_core:
-        print(json.dumps(core_seconds(args.checkpoint, args.clip, args.size, args.runs)), flush=True)
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(json.dumps(core_seconds(args.checkpoint, args.clip, args.size, args.runs, device)), flush=True)
         return 0
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout")
     core_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-core", "--checkpoint", args.checkpoint,
                 "--clip", args.clip, "--size", str(args.size), "--runs", str(args.runs)]
+    if args.device:
+        core_cmd += ["--device", args.device]
     node_cmd = [args.comfy_python, str(ROOT / "tests" / "integration" / "comfy_inprocess.py"), "bench",
                 args.checkpoint, args.clip, str(args.size), str(args.runs)]
     rounds = []
@@ -100,7 +110,8 @@ def main() -> int:
     core_s = [s for rd in rounds for s in rd["core"]["seconds_per_image"][1:]]
     node_s = [s for rd in rounds for s in rd["node"]["seconds_per_image"][1:]]
     ratio = statistics.median(node_s) / statistics.median(core_s)
-    print(f"\n{args.size}x{args.size} CPU, warm runs only: core {summary(core_s)}; "
+    device = rounds[0]["core"]["device"]
+    print(f"\n{args.size}x{args.size} {device}, warm runs only: core {summary(core_s)}; "
           f"ComfyUI G4SegRefine {summary(node_s)}; node/core (medians) = {ratio:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rounds": rounds, "core_s": core_s, "node_s": node_s,

@@ -50,14 +50,20 @@ def build_settings(masks: torch.Tensor, positions, emi_mode, cross_weight, self_
             for m in masks]
 
 
+def encode_prompt(clip, class_name, prompt_template):
+    """(prompt, class token positions, CONDITIONING) for the class name in the template."""
+    name = class_name_or_error(class_name)
+    prompt = prompt_for(prompt_template, name)
+    tokens, positions = class_token_positions(clip, prompt, name)
+    return prompt, positions, encode_tokens(clip, tokens)
+
+
 def inject_attention(model, clip, mask, class_name, prompt_template, emi_mode, cross_weight, self_weight,
-                     area_scale, schedule):
-    class_name = class_name_or_error(class_name)
+                     area_scale, schedule, encoded=None):
+    """Patched model clone, CONDITIONING and an info line; `encoded` reuses an encode_prompt result."""
     masks = mask_batch(mask)
     attention_patch.model_family(model)  # fail early, before tokenizing
-    prompt = prompt_for(prompt_template, class_name)
-    tokens, positions = class_token_positions(clip, prompt, class_name)
-    conditioning = encode_tokens(clip, tokens)
+    prompt, positions, conditioning = encoded or encode_prompt(clip, class_name, prompt_template)
     settings = build_settings(masks, positions, emi_mode, cross_weight, self_weight, area_scale, schedule)
     patched, family, blocks = attention_patch.inject(model, settings)
     info = (f"{family}: prompt {prompt!r}, class tokens at {positions}, {blocks} transformer blocks patched "

@@ -19,7 +19,7 @@ from . import attention_patch
 from .common import (CATEGORY, Progress, check_aspect, check_interrupt, class_name_or_error, image_batch,
                      intermediate_device, mask_batch, pair_batches, pick, resize_map)
 from .correspondence_nodes import comfy_clip_vision_features, features_for
-from .inject_nodes import inject_attention, one_step_denoise
+from .inject_nodes import encode_prompt, inject_attention, one_step_denoise
 
 _D = G4SegConfig()
 log = logging.getLogger("g4seg")
@@ -71,6 +71,9 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
     if extractor is None:
         extractor = comfy_clip_vision_features(clip_vision)
 
+    encode_start = time.perf_counter()
+    encoded = encode_prompt(clip, class_name, prompt_template)  # once for the whole batch
+    encode_s = time.perf_counter() - encode_start
     bar = Progress(batch)
     refined_all, generated_all = [], []
     for i in range(batch):
@@ -85,10 +88,10 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
             core_masks.resize_probability(soft_np, work_hw, mode="bilinear"), dtype=np.float32))
         work_img = resize_map(img.permute(2, 0, 1), work_hw).permute(1, 2, 0).clamp(0, 1)[None]
 
-        timings = {}
-        with _stage(timings, "inject_and_encode_prompt"):
+        timings = {"encode_prompt": encode_s} if i == 0 else {}
+        with _stage(timings, "inject"):
             patched, positive, _ = inject_attention(model, clip, work_prob, class_name, prompt_template, emi_mode,
-                                                    cross_weight, self_weight, area_scale, schedule)
+                                                    cross_weight, self_weight, area_scale, schedule, encoded=encoded)
         with _stage(timings, "vae_encode"):
             latent = {"samples": vae.encode(work_img[:, :, :, :3])}
         with _stage(timings, "unet"):
