@@ -6,7 +6,9 @@ Search order, for both the SD checkpoint and the CLIP image encoder:
   3. a ComfyUI install (`comfyui_dir`, else $COMFYUI_PATH):
        checkpoints: models/checkpoints/**.safetensors|.ckpt, then models/diffusers/*/ (folders
                     with model_index.json);
-       CLIP vision: models/clip_vision/**.safetensors|.bin|.pt|.pth.
+       CLIP vision: models/clip_vision/**.safetensors|.bin|.pt|.pth;
+     each together with the folders its extra_model_paths.yaml lists under `checkpoints`,
+     `diffusers` and `clip_vision` (base_path joined like ComfyUI does; e.g. an A1111 install).
 When several files qualify, the choice is deterministic and logged:
   checkpoints: SD2.1 names first (the paper's model: 'sd2', 'sd21', 'v2-1', '2-1', '2.1'),
                then SD1.5 names ('sd15', 'v1-5', '1-5', '1.5'), then SDXL names ('xl'), then
@@ -58,10 +60,13 @@ def _rank(name: str, table: Sequence[Tuple[str, int]]) -> int:
     return len(table)
 
 
-def _pick(candidates: List[Path], base: Path, table, kind: str) -> Optional[Path]:
+def _pick(candidates: List[Tuple[Path, Path]], table, kind: str) -> Optional[Path]:
+    """Best of (folder, path) pairs: by name rank, then folder order, then relative path."""
     if not candidates:
         return None
-    ordered = sorted(candidates, key=lambda p: (_rank(p.name, table), str(p.relative_to(base)).lower()))
+    order = {folder: i for i, folder in enumerate(dict.fromkeys(folder for folder, _ in candidates))}
+    ordered = [p for _, p in sorted(candidates, key=lambda fp: (_rank(fp[1].name, table), order[fp[0]],
+                                                                  str(fp[1].relative_to(fp[0])).lower()))]
     chosen = ordered[0]
     if len(ordered) > 1:
         others = ", ".join(p.name for p in ordered[1:6]) + (" ..." if len(ordered) > 6 else "")
@@ -70,6 +75,40 @@ def _pick(candidates: List[Path], base: Path, table, kind: str) -> Optional[Path
     else:
         log.info("%s: using %s", kind, chosen)
     return chosen
+
+
+def extra_model_folders(root: Path, key: str) -> List[Path]:
+    """Folders for `key` ('checkpoints', 'clip_vision', ...) in ROOT/extra_model_paths.yaml.
+
+    Each top-level section may have a base_path (relative to the yaml's folder, ~ expanded);
+    a key holds one folder or several, one per line, joined to base_path unless absolute.
+    """
+    config = Path(root) / "extra_model_paths.yaml"
+    if not config.is_file():
+        return []
+    try:
+        import yaml  # PyYAML comes with huggingface_hub (a diffusers/transformers dependency)
+    except ImportError:
+        raise ModelNotFoundError(f"{config} lists model folders but PyYAML is missing: pip install pyyaml") from None
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelNotFoundError(f"cannot read {config}: {exc}. Fix the file (ComfyUI reads it too) or "
+                                 "point at the weights with --checkpoint/--clip") from None
+    folders: List[Path] = []
+    for section in (data or {}).values() if isinstance(data, dict) else []:
+        if not isinstance(section, dict) or not isinstance(section.get(key), str):
+            continue
+        base = section.get("base_path")
+        base = Path(os.path.expanduser(str(base))) if base else None
+        if base is not None and not base.is_absolute():
+            base = config.parent / base
+        for line in section[key].splitlines():
+            line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()  # block values may carry comments
+            if line:
+                path = Path(os.path.expanduser(line))
+                folders.append(path if path.is_absolute() else (base or config.parent) / path)
+    return folders
 
 
 def _files(folder: Path, extensions: Sequence[str]) -> List[Path]:
@@ -95,10 +134,11 @@ def _explicit(value, what: str, flag: str) -> Path:
 
 
 def _search(explicit, env_var: str, flag: str, resolve, comfyui_dir,
-            folders: Sequence[Tuple[str, Callable[[Path], List[Path]], str]], table, kind: str):
-    """(found, looked): explicit path, then $env_var, then each ComfyUI folder in turn.
+            kinds: Sequence[Tuple[str, Callable[[Path], List[Path]], str]], table, kind: str):
+    """(found, looked): explicit path, then $env_var, then each kind of ComfyUI folder in turn.
 
-    folders: (path below the ComfyUI root, candidates in that folder, what "nothing there" means).
+    kinds: (ComfyUI folder name, candidates in one folder, what "nothing there" means); each
+    is searched in ROOT/models/<name> and in the extra_model_paths.yaml folders for <name>.
     """
     if explicit:
         return resolve(explicit, flag), []
@@ -110,12 +150,13 @@ def _search(explicit, env_var: str, flag: str, resolve, comfyui_dir,
     if root is None:
         looked.append(f"a ComfyUI install (--comfyui-dir not given, ${COMFYUI_ENV} not set)")
         return None, looked
-    for relative, candidates, nothing in folders:
-        folder = root / relative
-        found = _pick(candidates(folder), folder, table, kind)
+    for name, candidates, nothing in kinds:
+        folders = [root / "models" / name] + extra_model_folders(root, name)
+        found = _pick([(folder, path) for folder in folders for path in candidates(folder)], table, kind)
         if found:
             return found, looked
-        looked.append(f"{folder} (from {origin}): {nothing}" + ("" if folder.is_dir() else ", folder missing"))
+        for folder in folders:
+            looked.append(f"{folder} (from {origin}): {nothing}" + ("" if folder.is_dir() else ", folder missing"))
     return None, looked
 
 
@@ -128,17 +169,16 @@ def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[
     found, looked = _search(
         explicit, CHECKPOINT_ENV, "--checkpoint", lambda value, flag: _explicit(value, "checkpoint", flag),
         comfyui_dir,
-        [("models/checkpoints", lambda f: _files(f, CHECKPOINT_EXTENSIONS),
-          f"no {'/'.join(CHECKPOINT_EXTENSIONS)} files"),
-         ("models/diffusers", _diffusers_folders, "no diffusers folders with model_index.json")],
+        [("checkpoints", lambda f: _files(f, CHECKPOINT_EXTENSIONS), f"no {'/'.join(CHECKPOINT_EXTENSIONS)} files"),
+         ("diffusers", _diffusers_folders, "no diffusers folders with model_index.json")],
         _CHECKPOINT_RANKS, "checkpoint")
     if found:
         return found
     raise ModelNotFoundError(
         "no Stable Diffusion checkpoint found. Looked at:\n  - " + "\n  - ".join(looked) +
         "\nPoint at one with --checkpoint PATH (a .safetensors/.ckpt file or a diffusers folder), "
-        f"${CHECKPOINT_ENV}=PATH, or --comfyui-dir / ${COMFYUI_ENV} (searches models/checkpoints and "
-        "models/diffusers). G4Seg never downloads weights; SD2.1 (v2-1_512-ema-pruned.safetensors) is the "
+        f"${CHECKPOINT_ENV}=PATH, or --comfyui-dir / ${COMFYUI_ENV} (searches models/checkpoints, "
+        "models/diffusers and the folders its extra_model_paths.yaml lists). G4Seg never downloads weights; SD2.1 (v2-1_512-ema-pruned.safetensors) is the "
         "paper's model. `g4seg selfcheck` runs without any weights.")
 
 
@@ -154,7 +194,7 @@ def find_clip_vision(explicit: Union[str, Path, None] = None,
 
     found, looked = _search(
         explicit, CLIP_ENV, "--clip", resolve, comfyui_dir,
-        [("models/clip_vision", lambda f: _files(f, CLIP_EXTENSIONS), f"no {'/'.join(CLIP_EXTENSIONS)} files")],
+        [("clip_vision", lambda f: _files(f, CLIP_EXTENSIONS), f"no {'/'.join(CLIP_EXTENSIONS)} files")],
         _CLIP_RANKS, "CLIP vision")
     if found:
         return found
@@ -162,4 +202,4 @@ def find_clip_vision(explicit: Union[str, Path, None] = None,
         "no CLIP image encoder found. Looked at:\n  - " + "\n  - ".join(looked) +
         "\nPoint at one with --clip PATH (a models/clip_vision .safetensors, open_clip weights, or "
         f"'ViT-B-16:/path/open_clip_pytorch_model.bin'), ${CLIP_ENV}=PATH, or --comfyui-dir / ${COMFYUI_ENV} "
-        "(searches models/clip_vision). G4Seg never downloads weights; the paper uses CLIP ViT-B/16.")
+        "(searches models/clip_vision and the folders its extra_model_paths.yaml lists). G4Seg never downloads weights; the paper uses CLIP ViT-B/16.")

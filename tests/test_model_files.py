@@ -101,3 +101,34 @@ def test_clip_vision_order(tmp_path, monkeypatch):
     monkeypatch.setenv("G4SEG_CLIP", str(weights))
     assert find_clip_vision(comfyui_dir=root) == weights
     assert find_clip_vision(weights, comfyui_dir=root) == weights
+
+
+def test_extra_model_paths_yaml_folders_are_searched(tmp_path):
+    root = _comfy(tmp_path, checkpoints=["v1-5-pruned-emaonly.safetensors"])
+    a1111 = tmp_path / "webui"
+    sd21 = _touch(a1111 / "models" / "Stable-diffusion" / "v2-1_512-ema-pruned.safetensors")
+    vit_h = _touch(tmp_path / "shared" / "encoders" / "clip_vision_h.safetensors")
+    (root / "extra_model_paths.yaml").write_text(
+        "a111:\n"
+        "    base_path: ../webui/\n"            # relative to the yaml's folder
+        "    checkpoints: models/Stable-diffusion\n"
+        "shared:\n"
+        f"    base_path: {tmp_path / 'shared'}\n"
+        "    is_default: true\n"
+        "    clip_vision: |\n"
+        "        missing_folder/\n"
+        "        encoders/  # where the big ones live\n")
+    # SD2.1 (the paper's model) wins over ComfyUI's own SD1.5 file; the extra clip_vision folder is used
+    assert find_checkpoint(comfyui_dir=root).resolve() == sd21.resolve()
+    assert find_clip_vision(comfyui_dir=root).resolve() == vit_h.resolve()
+
+
+def test_extra_model_paths_listed_when_nothing_found_and_bad_yaml_named(tmp_path):
+    root = _comfy(tmp_path)
+    (root / "extra_model_paths.yaml").write_text("other:\n    base_path: /nonexistent/ui\n    clip_vision: cv\n")
+    with pytest.raises(ModelNotFoundError) as info:
+        find_clip_vision(comfyui_dir=root)
+    assert "/nonexistent/ui/cv" in str(info.value) and "folder missing" in str(info.value)
+    (root / "extra_model_paths.yaml").write_text("a111:\n  base_path: [unclosed\n")
+    with pytest.raises(ModelNotFoundError, match="extra_model_paths.yaml"):
+        find_checkpoint(comfyui_dir=root)
