@@ -11,6 +11,7 @@ Writes (names carry the size):
     models/diffusers/g4seg_test_sd21_<size>/{unet,vae,text_encoder}/...   (DiffusersLoader)
     models/checkpoints/g4seg_test_sd21_<size>.safetensors                  (CheckpointLoaderSimple)
     models/clip_vision/g4seg_test_vitl14.safetensors                       (CLIPVisionLoader)
+    models/controlnet/g4seg_test_controlnet_sd21_<size>.safetensors        (ControlNetLoader)
 
 Layouts are what ComfyUI's detection expects: the UNet keeps SD2.1's model_channels=320,
 context_dim=1024 and linear projections ("tiny" only drops levels and layers); the text
@@ -157,6 +158,31 @@ def write_checkpoint(folder: str, out_path: str, comfyui: str, size: str) -> Non
     clip = comfy.sd.load_clip([os.path.join(folder, "text_encoder", "model.safetensors")])
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")))
     comfy.sd.save_checkpoint(out_path, unet, clip, vae, metadata={"g4seg_test": "random weights"})
+    return unet
+
+
+def write_controlnet(unet, out_path: str, seed: int) -> None:
+    """A random-weight ControlNet (3-channel hint) for this UNet, in ComfyUI's own layout.
+
+    Built with ComfyUI's ControlNet class from the UNet config ComfyUI detected, so
+    ControlNetLoader recognises it the way it recognises a published SD ControlNet.
+    """
+    import comfy.cldm.cldm
+    import comfy.ops
+    import safetensors.torch
+    import torch
+
+    config = dict(unet.model.model_config.unet_config)
+    config.pop("out_channels", None)
+    torch.manual_seed(seed)
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.manual_cast, device="cpu",
+                                         **{k: v for k, v in config.items() if k not in ("device", "operations")})
+    with torch.no_grad():
+        for param in control.parameters():  # ComfyUI's layers skip initialisation
+            param.normal_(0.0, 0.02)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in control.state_dict().items()}, out_path,
+                                metadata={"g4seg_test": "random weights"})
 
 
 def main(argv=None) -> int:
@@ -185,9 +211,12 @@ def main(argv=None) -> int:
         ckpt_dir = os.path.join(models, "checkpoints")
         os.makedirs(ckpt_dir, exist_ok=True)
         ckpt = os.path.join(ckpt_dir, name + ".safetensors")
-        if args.force or not os.path.exists(ckpt):
-            write_checkpoint(folder, ckpt, args.comfyui, args.size)
+        controlnet = os.path.join(models, "controlnet", f"g4seg_test_controlnet_sd21_{args.size}.safetensors")
+        if args.force or not os.path.exists(ckpt) or not os.path.exists(controlnet):
+            unet = write_checkpoint(folder, ckpt, args.comfyui, args.size)
             print("wrote", ckpt)
+            write_controlnet(unet, controlnet, args.seed)
+            print("wrote", controlnet)
     return 0
 
 

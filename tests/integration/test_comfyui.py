@@ -6,7 +6,8 @@
   (tiny UNet, full-size text encoder / VAE / ViT-L/14) if they are missing;
 * links this repo into ComfyUI's custom_nodes (as ComfyUI-G4Seg) if it is not there;
 * starts `main.py --cpu --listen 127.0.0.1` on a free port, checks /object_info, validates
-  every shipped workflow against it and executes workflows 1 and 2 headlessly;
+  every shipped workflow against it and executes workflows 1-4 and 6 headlessly (SDXL/LCM
+  would need SDXL-architecture test models);
 * runs the chaining check in ComfyUI's Python (another pack's attn2 replace patch survives).
 """
 
@@ -37,6 +38,7 @@ from test_workflows import ui_to_api, validate_workflow  # noqa: E402
 
 CKPT = "g4seg_test_sd21_tiny.safetensors"
 CLIP_VISION = "g4seg_test_vitl14.safetensors"
+CONTROLNET = "g4seg_test_controlnet_sd21_tiny.safetensors"
 IMAGE, MASK = "g4seg_it_image.png", "g4seg_it_mask.png"
 W, H = 80, 64
 OUR_IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4SegCLIPCorrespondence",
@@ -52,7 +54,8 @@ def _env():
 def models():
     models = os.path.join(COMFY, "models")
     if not (os.path.exists(os.path.join(models, "checkpoints", CKPT))
-            and os.path.exists(os.path.join(models, "clip_vision", CLIP_VISION))):
+            and os.path.exists(os.path.join(models, "clip_vision", CLIP_VISION))
+            and os.path.exists(os.path.join(models, "controlnet", CONTROLNET))):
         subprocess.run([PYTHON, os.path.join(ROOT, "tools", "make_test_comfy_models.py"), "--size", "tiny"],
                        check=True, env=_env(), timeout=1800)
     return models
@@ -150,6 +153,8 @@ def _prepare(prompt):
             ins["ckpt_name"] = CKPT
         if node["class_type"] == "CLIPVisionLoader":
             ins["clip_name"] = CLIP_VISION
+        if node["class_type"] == "ControlNetLoader":
+            ins["control_net_name"] = CONTROLNET
         if node["class_type"] == "LoadImage":
             ins["image"] = IMAGE
         if node["class_type"] == "G4SegLoadCoarseMask":
@@ -192,8 +197,15 @@ def test_workflow_validates_against_object_info(server, name):
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("name", ["g4seg_refine_all_in_one.json", "g4seg_sd21_node_by_node.json"])
+@pytest.mark.parametrize("name", ["g4seg_refine_all_in_one.json", "g4seg_sd21_node_by_node.json",
+                                  "g4seg_refine_then_inpaint.json", "g4seg_controlnet_seg.json",
+                                  "g4seg_refine_densecrf.json"])
 def test_workflow_executes(server, inputs, name):
+    """Each workflow as shipped, with the test models picked in its loaders (the SD2.1 test model and a
+    ControlNet built for it stand in for the SD1.5 + seg ControlNet of the ControlNet workflow)."""
+    if "densecrf" in name and subprocess.run([PYTHON, "-c", "import pydensecrf.densecrf"],
+                                             capture_output=True).returncode != 0:
+        pytest.skip(f"pydensecrf2 is not installed in {PYTHON} (pip install pydensecrf2)")
     prompt = _prepare(ui_to_api(_load(name), server["info"]))
     entry = _run(server, prompt)
     sizes = _saved_sizes(entry)
