@@ -47,6 +47,7 @@ def working_size(size: int, hw) -> tuple:
     return size, size
 
 
+@torch.no_grad()  # ComfyUI runs nodes under inference_mode; direct callers should not build autograd graphs
 def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, seed, emi_mode, cross_weight,
            self_weight, beta, band_low, band_high, iterations, threshold, size, soften, soften_width,
            prompt_template=_D.prompt_template, area_scale=_D.area_scale, schedule=_D.emi_schedule,

@@ -2,6 +2,7 @@
 
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py chain  CKPT CLIP_VISION
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py bench  CKPT CLIP_VISION [size] [runs]
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py parity CKPT DIFFUSERS_DIR CLIP_VISION
 
 Prints one JSON line with the results.
 """
@@ -96,11 +97,39 @@ def bench(ckpt, cv_path, size=512, runs=2):
     times, stages = [], []
     for i in range(runs):
         t = time.time()
-        r, b, g = refine_node.refine(model, clip, vae, cv, img, mask, "cat", 400, i, "densediffusion", 1.0, 0.3,
-                                     0.8, 0.2, 0.6, 1, 0.5, size, "sdf", 8.0, stage_timings=stages)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            r, b, g = refine_node.refine(model, clip, vae, cv, img, mask, "cat", 400, i, "densediffusion", 1.0, 0.3,
+                                         0.8, 0.2, 0.6, 1, 0.5, size, "sdf", 8.0, stage_timings=stages)
         times.append(time.time() - t)
     return {"size": size, "load_s": load_s, "seconds_per_image": times, "stages_last_run_s": stages[-1],
             "threads": torch.get_num_threads(), "out": list(r.shape)}
+
+
+def parity(ckpt, diffusers_dir, cv_path, size=128):
+    """G4SegRefine (ComfyUI's models from CKPT) vs G4SegPipeline (the same weights as a diffusers folder)."""
+    import numpy as np
+
+    load_pack()  # puts the repository (and so g4seg_core) on sys.path
+    from g4seg_core.config import G4SegConfig
+    from g4seg_core.pipeline import G4SegPipeline
+
+    refine_node = sys.modules["g4seg_pack.nodes.refine_node"]
+    model, clip, vae, cv = load_models(ckpt, cv_path)
+    rng = np.random.default_rng(0)
+    image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((size, size), np.float32)
+    mask[size // 4: 3 * size // 4, size // 5: 3 * size // 4] = 1
+    with torch.inference_mode():
+        prob, binary, generated = refine_node.refine(
+            model, clip, vae, cv, torch.from_numpy(image).float()[None] / 255, torch.from_numpy(mask)[None], "cat",
+            400, 0, "densediffusion", 1.0, 0.3, 0.8, 0.2, 0.6, 1, 0.5, size, "sdf", 8.0)
+    core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu").refine(
+        image, mask, "cat", G4SegConfig(size=size))
+    core_prob, core_gen = torch.from_numpy(core.prob), torch.from_numpy(np.array(core.generated)).float() / 255
+    return {"prob_max_diff": float((prob[0] - core_prob).abs().max()),
+            "binary_agreement": float((binary[0].bool() == torch.from_numpy(core.binary)).float().mean()),
+            "generated_max_diff": float((generated[0] - core_gen).abs().max()),
+            "changed_fraction": float((core_prob != torch.from_numpy(core.coarse)).float().mean())}
 
 
 if __name__ == "__main__":
@@ -111,3 +140,5 @@ if __name__ == "__main__":
         size = int(sys.argv[4]) if len(sys.argv) > 4 else 512
         runs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
         print(json.dumps(bench(sys.argv[2], sys.argv[3], size, runs)))
+    elif what == "parity":
+        print(json.dumps(parity(sys.argv[2], sys.argv[3], sys.argv[4])))

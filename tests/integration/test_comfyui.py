@@ -8,7 +8,8 @@
 * starts `main.py --cpu --listen 127.0.0.1` on a free port, checks /object_info, validates
   every shipped workflow against it and executes workflows 1-4 and 6 headlessly (SDXL/LCM
   would need SDXL-architecture test models);
-* runs the chaining check in ComfyUI's Python (another pack's attn2 replace patch survives).
+* runs the chaining check in ComfyUI's Python (another pack's attn2 replace patch survives)
+  and the parity check (G4SegRefine and G4SegPipeline on the same weights give the same masks).
 """
 
 import json
@@ -220,3 +221,17 @@ def test_patch_chains_with_other_attention_patch(models):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["wrapped"] and res["calls"]["other"] == res["blocks"] and res["calls"]["g4seg"] == 2 * res["blocks"]
     assert res["changed"] > 0
+
+
+def test_node_and_core_give_the_same_refinement(models):
+    """Same weights through ComfyUI (single-file checkpoint) and the core (diffusers folder): same masks."""
+    diffusers_dir = os.path.join(models, "diffusers", CKPT.replace(".safetensors", ""))
+    out = subprocess.run([PYTHON, os.path.join(HERE, "comfy_inprocess.py"), "parity",
+                          os.path.join(models, "checkpoints", CKPT), diffusers_dir,
+                          os.path.join(models, "clip_vision", CLIP_VISION)],
+                         capture_output=True, text=True, env=_env(), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["changed_fraction"] > 0.01, res  # the refinement did move pixels
+    assert res["prob_max_diff"] < 1e-3 and res["binary_agreement"] > 0.999, res
+    assert res["generated_max_diff"] < 0.01, res  # the core's generated image is rounded to uint8
