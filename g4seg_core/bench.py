@@ -64,6 +64,9 @@ def run_bench(args) -> int:
     if device == "cpu" and dtype != "float32":
         raise G4SegError(f"--dtype {dtype} on CPU: half precision is slow or unsupported there; "
                          "use --dtype float32 (the default on CPU) or --device cuda")
+    batch = args.batch if args.batch is not None else (0 if device == "cpu" else 8)
+    if batch < 0:
+        raise G4SegError(f"--batch {batch}: use 0 (off) or a positive number of images")
     print(f"g4seg bench: SD2.1 architecture, random weights, {args.size}x{args.size}, {device}, {dtype}, "
           f"torch threads {torch.get_num_threads()}")
     torch.manual_seed(0)
@@ -107,11 +110,20 @@ def run_bench(args) -> int:
         "bare_sum_s": bare, "ratio_end_to_end_over_bare": e2e_time / bare,
         "correspondence_128_grid_s": t_corr, "peak_rss_mib": _peak_rss_mib(),
     }
+    if batch:
+        images, masks = [image] * batch, [mask] * batch
+        pipe.refine_batch(images, masks, "cat", config)  # warm-up at this batch size
+        t_batch, _ = _timed(lambda: pipe.refine_batch(images, masks, "cat", config), args.repeats, sync)
+        numbers.update({"batch": batch, "batch_s": t_batch, "images_per_s_batched": batch / t_batch,
+                        "seconds_per_image_batched": t_batch / batch})
     if device.startswith("cuda"):
         numbers["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     print(json.dumps(numbers, indent=2))
     print(f"\nend-to-end {e2e_time:.3f} s / bare passes {bare:.3f} s = ratio {e2e_time / bare:.3f} (target <= 1.15)")
     print(f"correspondence at 128x128 grid: {t_corr:.3f} s (target < 1 s on 2 CPU cores)")
+    if batch:
+        print(f"batched: {batch} images in {t_batch:.3f} s = {batch / t_batch:.2f} images/s "
+              f"({t_batch / batch:.3f} s per image; one at a time: {e2e_time:.3f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2))
     return 0

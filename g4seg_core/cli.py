@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float16 on a GPU, float32 on CPU")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None,
+                   help="also time refine_batch on this many images, for images per second (default: 8 on a GPU, "
+                        "off on CPU; 0 turns it off)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_bench)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,10 +20,29 @@ from .injection import InjectionSettings
 class InjectionState:
     """What changes per UNet call; shared by every processor of the UNet."""
 
-    settings: InjectionSettings
+    # One InjectionSettings for every batch row, or one per image of a batch: row r then uses
+    # settings[r % len(settings)] (under CFG the rows are [uncond images..., cond images...]).
+    settings: Union[InjectionSettings, Sequence[InjectionSettings]]
     latent_hw: Tuple[int, int]
     timestep: float
     apply_to: Optional[torch.Tensor] = None  # bool [B]: rows to modulate (cond rows under CFG)
+
+    def attention(self, q, k, v, heads: int, kind: str) -> torch.Tensor:
+        if isinstance(self.settings, InjectionSettings):
+            return self._rows_attention(self.settings, q, k, v, heads, kind, self.apply_to)
+        per_image = list(self.settings)
+        if q.shape[0] % len(per_image):
+            raise G4SegError(f"{q.shape[0]} attention rows do not split over {len(per_image)} images")
+        # Each image has its own mask and class tokens: attention row by row (the projections,
+        # convolutions and feed-forward layers around it stay batched).
+        return torch.cat([self._rows_attention(per_image[r % len(per_image)], q[r:r + 1], k[r:r + 1], v[r:r + 1],
+                                               heads, kind, None if self.apply_to is None else self.apply_to[r:r + 1])
+                          for r in range(q.shape[0])])
+
+    def _rows_attention(self, settings: InjectionSettings, q, k, v, heads, kind, apply_to):
+        tokens = settings.tokens_for(q.shape[1], *self.latent_hw, device=q.device)
+        return settings.attention(q, k, v, heads, kind=kind, timestep=self.timestep, mask_tokens=tokens,
+                                  apply_to=apply_to)
 
 
 class G4SegAttnProcessor:
@@ -46,10 +65,7 @@ class G4SegAttnProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        state = self.state
-        tokens = state.settings.tokens_for(q.shape[1], *state.latent_hw, device=q.device)
-        out = state.settings.attention(q, k, v, attn.heads, kind=self.kind, timestep=state.timestep,
-                                       mask_tokens=tokens, apply_to=state.apply_to)
+        out = self.state.attention(q, k, v, attn.heads, self.kind)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -167,33 +167,46 @@ class G4SegPipeline:
         return prompt, embedding, positions
 
     @torch.no_grad()
-    def unet_x0(self, z0: torch.Tensor, embedding, settings: Optional[InjectionSettings],
+    def unet_x0(self, z0: torch.Tensor, embeddings: Sequence, settings: Sequence[Optional[InjectionSettings]],
                 config: G4SegConfig) -> torch.Tensor:
-        """Noise z0 to t, one (mask-injected) UNet call, x0 prediction (Eq. 1-2)."""
+        """Noise z0 [B, ...] to t, one (mask-injected) UNet call, x0 prediction (Eq. 1-2).
+
+        One prompt embedding and one InjectionSettings (None: no injection) per image. Every
+        image gets the noise a batch of one would get (seeded by config.seed), so a batch
+        reproduces single-image results.
+        """
         comps = self.components
         unet = comps.unet
+        batch = z0.shape[0]
+        if len(embeddings) != batch or len(settings) != batch:
+            raise G4SegError(f"{batch} latents but {len(embeddings)} prompts and {len(settings)} masks")
         t = config.timestep
         alpha_bar = alpha_bar_at(comps.alphas_cumprod, t)
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-        noise = torch.randn(z0.shape, generator=generator, dtype=torch.float32).to(z0.device)
+        noise = torch.cat([torch.randn(z0[:1].shape, generator=torch.Generator("cpu").manual_seed(config.seed),
+                                       dtype=torch.float32) for _ in range(batch)]).to(z0.device)
         z_t = add_noise(z0.float(), noise, alpha_bar)
         height, width = (s * comps.vae_downsample for s in z0.shape[-2:])
-        hidden = embedding.hidden_states.to(self.device, unet.dtype)
-        kwargs = comps.unet_kwargs(embedding, height, width)
+        hidden = torch.cat([e.hidden_states.to(self.device, unet.dtype) for e in embeddings])
+        kwargs = _concat_kwargs([comps.unet_kwargs(e, height, width) for e in embeddings])
         latents = z_t
         apply_to = None
         if config.cfg_scale != 1.0:
             negative = self.prompt_embedding(config.negative_prompt)
-            hidden = torch.cat([negative.hidden_states.to(hidden), hidden])
-            kwargs = _concat_kwargs(comps.unet_kwargs(negative, height, width), kwargs)
+            hidden = torch.cat([negative.hidden_states.to(hidden).expand(batch, -1, -1), hidden])
+            kwargs = _concat_kwargs([comps.unet_kwargs(negative, height, width)] * batch + [kwargs])
             latents = torch.cat([z_t, z_t])
-            apply_to = torch.tensor([False, True], device=self.device)  # uncond first, by construction
+            # uncond rows first, by construction
+            apply_to = torch.tensor([False] * batch + [True] * batch, device=self.device)
         timestep = torch.tensor([t] * latents.shape[0], device=self.device)
         call = lambda: unet(latents.to(unet.dtype), timestep, encoder_hidden_states=hidden, **kwargs).sample
-        if settings is None or settings.mode == "off":
+        active = [s for s in settings if s is not None and s.mode != "off"]
+        if not active:
             out = call()
         else:
-            state = InjectionState(settings, tuple(z0.shape[-2:]), float(t), apply_to)
+            if len(active) != batch:
+                raise G4SegError("a batch mixes injected and plain images: refine them in separate batches")
+            per_image = settings[0] if batch == 1 else list(settings)
+            state = InjectionState(per_image, tuple(z0.shape[-2:]), float(t), apply_to)
             with injected(unet, state):
                 out = call()
         out = out.float()
@@ -204,18 +217,24 @@ class G4SegPipeline:
 
     # ---- the method ---------------------------------------------------------------------
     def prepare_image(self, image, config: G4SegConfig, timings: Optional[dict] = None) -> ImageContext:
+        return self.prepare_images([image], config, timings)[0]
+
+    def prepare_images(self, images: Sequence, config: G4SegConfig,
+                       timings: Optional[dict] = None) -> List[ImageContext]:
+        """VAE latents and CLIP features of the original images, computed as one batch."""
         timings = {} if timings is None else timings
-        array = image_to_array(image)
+        arrays = [image_to_array(image) for image in images]
         start = time.perf_counter()
-        pixels = self.to_pixels(array, config.size)
+        pixels = torch.cat([self.to_pixels(array, config.size) for array in arrays])
         z0 = self.encode(pixels)
         self._sync()
         timings["vae_encode"] = time.perf_counter() - start
         start = time.perf_counter()
-        orig_feats = self.features(pixels)[0]
+        orig_feats = self.features(pixels)
         self._sync()
         timings["clip_original"] = time.perf_counter() - start
-        return ImageContext(pixels, z0, orig_feats, array.shape[:2])
+        return [ImageContext(pixels[i:i + 1], z0[i:i + 1], orig_feats[i], array.shape[:2])
+                for i, array in enumerate(arrays)]
 
     def prepare_mask(self, mask, size_hw, config: G4SegConfig):
         """Validate, check the size against the image, soften a binary mask: (prob, description)."""
@@ -226,21 +245,42 @@ class G4SegPipeline:
 
     def refine(self, image, mask, label: str, config: Optional[G4SegConfig] = None,
                context: Optional[ImageContext] = None) -> RefineResult:
+        """Refine one mask; `context` reuses prepare_image's work (several classes of one image)."""
+        return self.refine_batch([image], [mask], [label], config,
+                                 contexts=None if context is None else [context])[0]
+
+    def refine_batch(self, images: Sequence, masks: Sequence, labels, config: Optional[G4SegConfig] = None,
+                     contexts: Optional[Sequence[ImageContext]] = None) -> List[RefineResult]:
+        """Refine several (image, mask, label) at once: each model runs once on the whole batch.
+
+        `labels` is one class name for all or one per image. Results equal one-by-one refine()
+        calls (same seed per image); every result's timings are the batch's, with batch_size.
+        """
         config = (config or G4SegConfig()).validate()
+        batch = len(masks)
+        labels = [labels] * batch if isinstance(labels, str) else list(labels)
+        if batch == 0 or len(images) != batch or len(labels) != batch:
+            raise G4SegError(f"refine_batch needs as many images, masks and labels (got {len(images)}, {batch}, "
+                             f"{len(labels)}), at least one")
         timings: Dict[str, float] = {}
         total_start = time.perf_counter()
-        if context is None:
-            context = self.prepare_image(image, config, timings)
-        prob, softening = self.prepare_mask(mask, context.size_hw, config)
-        prompt, embedding, positions = self.token_positions(label, config)
+        if contexts is None:
+            contexts = self.prepare_images(images, config, timings)
+        probs, softenings, prompts, embeddings, positions = [], [], [], [], []
+        for mask, label, context in zip(masks, labels, contexts):
+            prob, softening = self.prepare_mask(mask, context.size_hw, config)
+            prompt, embedding, pos = self.token_positions(label, config)
+            for values, value in ((probs, prob), (softenings, softening), (prompts, prompt),
+                                  (embeddings, embedding), (positions, pos)):
+                values.append(value)
 
         start = time.perf_counter()
-        work_mask = mask_ops.resize_probability(prob, (config.size, config.size), mode="bilinear")
-        settings = InjectionSettings(torch.from_numpy(np.ascontiguousarray(work_mask)), positions,
-                                     mode=config.emi_mode, cross_weight=config.cross_weight,
-                                     self_weight=config.self_weight, area_scale=config.area_scale,
-                                     schedule=config.emi_schedule)
-        x0 = self.unet_x0(context.z0, embedding, settings, config)
+        settings = [InjectionSettings(
+            torch.from_numpy(np.ascontiguousarray(
+                mask_ops.resize_probability(prob, (config.size, config.size), mode="bilinear"))),
+            pos, mode=config.emi_mode, cross_weight=config.cross_weight, self_weight=config.self_weight,
+            area_scale=config.area_scale, schedule=config.emi_schedule) for prob, pos in zip(probs, positions)]
+        x0 = self.unet_x0(torch.cat([c.z0 for c in contexts]), embeddings, settings, config)
         self._sync()
         timings["unet"] = time.perf_counter() - start
 
@@ -250,24 +290,28 @@ class G4SegPipeline:
         timings["vae_decode"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        gen_feats = self.features(generated)[0]
+        gen_feats = self.features(generated)
         self._sync()
         timings["clip_generated"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        match, delta = correspondence_for(context.orig_feats, gen_feats, prob.shape, config.direction,
-                                          config.correspondence_grid)
-        refined = mix_foreground(prob, delta.cpu().numpy(), config.beta, config.band, config.iterations)
+        refined, matches = [], []
+        for i, (context, prob) in enumerate(zip(contexts, probs)):
+            match, delta = correspondence_for(context.orig_feats, gen_feats[i], prob.shape, config.direction,
+                                              config.correspondence_grid)
+            refined.append(mix_foreground(prob, delta.cpu().numpy(), config.beta, config.band,
+                                          config.iterations).astype(np.float32))
+            matches.append(match.cpu().numpy())
         timings["correspondence_and_mixing"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - total_start
+        if batch > 1:
+            timings["batch_size"] = batch
 
-        generated_image = Image.fromarray(
-            (generated[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-        refined = refined.astype(np.float32)
-        return RefineResult(prob=refined, binary=refined >= config.threshold, coarse=prob,
-                            generated=generated_image, correspondence=match.cpu().numpy(), timings=timings,
-                            softening=softening, label=label, prompt=prompt, token_positions=positions,
-                            config=config)
+        pictures = (generated.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return [RefineResult(prob=refined[i], binary=refined[i] >= config.threshold, coarse=probs[i],
+                             generated=Image.fromarray(pictures[i]), correspondence=matches[i],
+                             timings=dict(timings), softening=softenings[i], label=labels[i], prompt=prompts[i],
+                             token_positions=positions[i], config=config) for i in range(batch)]
 
     def refine_multiclass(self, image, class_masks: Mapping[str, np.ndarray],
                           config: Optional[G4SegConfig] = None,
@@ -286,17 +330,16 @@ class G4SegPipeline:
         return MultiRefineResult(labels=fused, class_indices=indices, results=results)
 
 
-def _concat_kwargs(first: dict, second: dict) -> dict:
-    """Batch two unet_kwargs dicts (SDXL's added_cond_kwargs hold tensors)."""
-    if not first and not second:
+def _concat_kwargs(parts: Sequence[dict]) -> dict:
+    """Batch unet_kwargs dicts along the batch axis (SDXL's added_cond_kwargs hold tensors)."""
+    if not parts or not parts[-1]:
         return {}
     out = {}
-    for key in second:
-        a, b = first[key], second[key]
-        if isinstance(b, dict):
-            out[key] = {k: torch.cat([a[k], b[k]]) for k in b}
-        elif isinstance(b, torch.Tensor):
-            out[key] = torch.cat([a, b])
+    for key, last in parts[-1].items():
+        if isinstance(last, dict):
+            out[key] = {k: torch.cat([p[key][k] for p in parts]) for k in last}
+        elif isinstance(last, torch.Tensor):
+            out[key] = torch.cat([p[key] for p in parts])
         else:
-            out[key] = b
+            out[key] = last
     return out

@@ -98,3 +98,5 @@ def test_selfcheck_command(capsys):
 def test_bench_refuses_half_precision_on_cpu_before_building(capsys):
     assert main(["bench", "--device", "cpu", "--dtype", "float16"]) == 2
     assert "--dtype float32" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--batch", "-1"]) == 2
+    assert "--batch -1" in capsys.readouterr().err

@@ -118,3 +118,39 @@ def test_float_image_and_torch_mask(pipe):
     image, mask = _inputs()
     result = pipe.refine(image.astype(np.float32) / 255.0, torch.from_numpy(mask), "cat", CONFIG)
     assert result.prob.shape == mask.shape
+
+
+@pytest.mark.parametrize("family, config", [
+    ("sd21", CONFIG),
+    ("sd21", CONFIG.replace(cfg_scale=3.0, emi_mode="additive", cross_weight=20.0, self_weight=20.0)),
+    ("sdxl", CONFIG),
+])
+def test_batch_equals_one_by_one(family, config):
+    """Each image keeps its own mask, class tokens and noise inside a batch."""
+    pipe = G4SegPipeline.tiny(family=family)
+    (img_a, mask_a), (img_b, mask_b) = _inputs(seed=1), _inputs(seed=2)
+    mask_b = np.zeros_like(mask_b)
+    mask_b[30:70, 20:50] = 1  # a different region: per-image masks must not mix
+    batch = pipe.refine_batch([img_a, img_b], [mask_a, mask_b], ["cat", "potted plant"], config)
+    singles = [pipe.refine(img_a, mask_a, "cat", config), pipe.refine(img_b, mask_b, "potted plant", config)]
+    assert [r.label for r in batch] == ["cat", "potted plant"]
+    assert batch[0].token_positions != batch[1].token_positions or batch[0].prompt != batch[1].prompt
+    for got, want in zip(batch, singles):
+        np.testing.assert_allclose(got.prob, want.prob, atol=2e-3)
+        gen_diff = np.abs(np.asarray(got.generated, np.int16) - np.asarray(want.generated, np.int16))
+        assert gen_diff.max() <= 2  # uint8 pictures; batched kernels round differently
+        assert got.timings["batch_size"] == 2
+    # the two images really differ (a batch that repeated image 0 would fail above)
+    assert not np.array_equal(np.asarray(batch[0].generated), np.asarray(batch[1].generated))
+
+
+def test_batch_input_errors(pipe):
+    image, mask = _inputs()
+    with pytest.raises(G4SegError, match="as many images, masks and labels"):
+        pipe.refine_batch([image, image], [mask], "cat", CONFIG)
+    with pytest.raises(G4SegError, match="at least one"):
+        pipe.refine_batch([], [], [], CONFIG)
+    with pytest.raises(G4SegError, match="as many"):
+        pipe.refine_batch([image], [mask], ["cat", "dog"], CONFIG)
+    with pytest.raises(G4SegError, match="empty"):  # each mask is still validated
+        pipe.refine_batch([image, image], [mask, np.zeros_like(mask)], "cat", CONFIG)
