@@ -87,7 +87,9 @@ def build_pipeline(args, config: G4SegConfig):
     try:
         pipe = G4SegPipeline.from_pretrained(args.checkpoint, clip=args.clip, comfyui_dir=args.comfyui_dir,
                                              family=args.family, device=args.device, dtype=config.dtype)
-        return pipe, "real weights: " + ", ".join(str(f) for f in pipe.components.files)
+        files = ", ".join(str(f) for f in pipe.components.files)
+        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}", file=sys.stderr)
+        return pipe, "weights: " + files
     except ModelNotFoundError as exc:
         if not args.selfcheck_if_missing:
             raise
@@ -156,7 +158,11 @@ def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
              "report": out_dir / f"{stem}_g4seg.json"}
     masks.save_probability_png16(result.prob, files["refined_prob"])
     masks.save_binary_png(result.binary, files["refined_mask"])
-    before_after(np.asarray(image), result.coarse, result.prob, result.config.threshold).save(files["overlay"])
+    # a picture travels without its JSON: say on it when the models were random
+    title = "refined (G4Seg, RANDOM WEIGHTS: not a real result)" if extra.get("models", "").startswith("selfcheck") \
+        else "refined (G4Seg)"
+    before_after(np.asarray(image), result.coarse, result.prob, result.config.threshold,
+                 refined_title=title).save(files["overlay"])
     result.generated.save(files["generated"])
     report = {"parameters": result.config.to_dict(), **result.summary(), **extra,
               "outputs": {k: str(v) for k, v in files.items()}}

@@ -26,7 +26,7 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def before_after(image: np.ndarray, coarse: np.ndarray, refined: np.ndarray, threshold: float = 0.5,
-                 max_height: int = 512) -> Image.Image:
+                 max_height: int = 512, refined_title: str = "refined (G4Seg)") -> Image.Image:
     """Two panels side by side: coarse mask (red) | refined mask (green), with captions."""
     panels = [overlay(image, coarse, COARSE_COLOR, threshold=threshold),
               overlay(image, refined, REFINED_COLOR, threshold=threshold)]
@@ -36,7 +36,7 @@ def before_after(image: np.ndarray, coarse: np.ndarray, refined: np.ndarray, thr
     caption = 18
     canvas = Image.new("RGB", (size[0] * 2 + 8, size[1] + caption), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for i, (panel, title) in enumerate(zip(panels, ("coarse", "refined (G4Seg)"))):
+    for i, (panel, title) in enumerate(zip(panels, ("coarse", refined_title))):
         x = i * (size[0] + 8)
         canvas.paste(Image.fromarray(panel).resize(size, Image.BILINEAR), (x, caption))
         draw.text((x + 4, 3), title, fill=(0, 0, 0))
