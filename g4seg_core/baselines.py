@@ -24,13 +24,12 @@ import numpy as np
 from .errors import G4SegError
 from .metrics import grey_dilate_disk, grey_erode_disk
 
-__all__ = ["Refiner", "REFINER_NAMES", "make_refiner", "compose", "identity_refiner",
+__all__ = ["Refiner", "make_refiner", "compose", "identity_refiner",
            "densecrf_refiner", "morphology_refiner", "guided_refiner", "g4seg_refiner",
            "guided_filter", "box_filter", "BASE_REFINERS", "needs_pipeline", "needs_crf"]
 
 Refiner = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
-REFINER_NAMES = ("none", "densecrf", "morphology", "guided", "g4seg", "g4seg+densecrf")
 BASE_REFINERS = ("none", "densecrf", "morphology", "guided", "g4seg")
 
 
@@ -155,13 +154,10 @@ def g4seg_refiner(pipeline, config=None) -> Refiner:
     """
     if pipeline is None:
         raise G4SegError("the g4seg refiner needs a G4SegPipeline: give --checkpoint (or --selfcheck for a smoke test)")
-    import inspect
     import zlib
 
-    try:
-        takes_context = "context" in inspect.signature(pipeline.refine).parameters
-    except (TypeError, ValueError):
-        takes_context = False
+    from .config import G4SegConfig
+
     state = {"image": None, "context": None, "results": {}}
 
     def refine(image, prob, label):
@@ -173,14 +169,9 @@ def g4seg_refiner(pipeline, config=None) -> Refiner:
         key = (label, p.shape, zlib.crc32(np.ascontiguousarray(p).tobytes()))
         if key in state["results"]:
             return state["results"][key].copy()
-        if takes_context:
-            if state["context"] is None and hasattr(pipeline, "prepare_image"):
-                from .config import G4SegConfig
-
-                state["context"] = pipeline.prepare_image(image, config or G4SegConfig())
-            result = pipeline.refine(image, p, label, config, context=state["context"])
-        else:
-            result = pipeline.refine(image, p, label, config)
+        if state["context"] is None:
+            state["context"] = pipeline.prepare_image(image, config or G4SegConfig())
+        result = pipeline.refine(image, p, label, config, context=state["context"])
         out = np.asarray(result.prob, dtype=np.float32)
         state["results"][key] = out
         return out.copy()

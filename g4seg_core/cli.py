@@ -138,11 +138,8 @@ def load_image(path: Path, convert_rgb: bool):
 def load_mask(path: Path, args):
     from . import masks
 
-    if args.mask_class is not None:
-        from .palettes import voc_class_index
-
-        labels = masks.load_label_map(path)
-        return masks.class_probability_from_label_map(labels, voc_class_index(args.mask_class))
+    if args.mask_class is not None:  # a VOC name or index; resolved by class_probability_from_label_map
+        return masks.class_probability_from_label_map(masks.load_label_map(path), args.mask_class)
     return masks.load_probability(path)
 
 

@@ -21,6 +21,7 @@ layout, v_prediction), "sdxl" (SDXL base: CLIP-L + OpenCLIP bigG, context 2048).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -286,14 +287,14 @@ def build_unet(config: Mapping, empty: bool = False):
     """UNet2DConditionModel from a config dict; `empty` builds it on the meta device (no init cost)."""
     from diffusers import UNet2DConditionModel
 
-    with torch.device("meta") if empty else _nullcontext():
+    with torch.device("meta") if empty else contextlib.nullcontext():
         return UNet2DConditionModel.from_config(_split_config(config))
 
 
 def build_vae(config: Mapping, empty: bool = False):
     from diffusers import AutoencoderKL
 
-    with torch.device("meta") if empty else _nullcontext():
+    with torch.device("meta") if empty else contextlib.nullcontext():
         return AutoencoderKL.from_config(_split_config(config))
 
 
@@ -303,16 +304,8 @@ def build_text_encoder(config: Mapping, empty: bool = False):
     values = _split_config(config)
     values.pop("model_type", None)
     cls = _text_class(values)
-    with torch.device("meta") if empty else _nullcontext():
+    with torch.device("meta") if empty else contextlib.nullcontext():
         return cls(CLIPTextConfig(**values))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def components_from_configs(configs: Mapping, family: str, prediction_type: Optional[str] = None,
@@ -333,11 +326,9 @@ def components_from_configs(configs: Mapping, family: str, prediction_type: Opti
                         vae_scaling_factor=float(configs["vae"].get("scaling_factor", 0.18215)), files=list(files))
 
 
-def random_components(family: str = "sd21", prediction_type: Optional[str] = None, seed: Optional[int] = None) -> SDComponents:
+def random_components(family: str = "sd21") -> SDComponents:
     """Full-size architecture of a family with random weights (benchmarks: speed and memory only)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return components_from_configs(family_configs(family), family, prediction_type)
+    return components_from_configs(family_configs(family), family)
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -697,6 +688,7 @@ def load_diffusers_folder(path: Union[str, Path], family: Optional[str] = None, 
                           device="cpu", prediction_type: Optional[str] = None) -> SDComponents:
     """A diffusers-layout folder -> SDComponents (our tokenizer; the folder's tokenizer files are not needed)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(path)
@@ -706,10 +698,12 @@ def load_diffusers_folder(path: Union[str, Path], family: Optional[str] = None, 
             raise G4SegError(f"{root} is not a complete diffusers folder: {sub}/config.json is missing "
                              "(expected model_index.json, unet/, vae/, text_encoder/, scheduler/)")
     try:
-        # low_cpu_mem_usage=False: the default path needs accelerate and only warns without it
-        unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True, low_cpu_mem_usage=False,
+        # the fast (no random init) path needs accelerate; without it diffusers only warns, so ask for it
+        # only when it can work
+        fast = is_accelerate_available()
+        unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True, low_cpu_mem_usage=fast,
                                                     variant=_variant(root / "unet", "diffusion_pytorch_model"))
-        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, low_cpu_mem_usage=False,
+        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, low_cpu_mem_usage=fast,
                                             variant=_variant(root / "vae", "diffusion_pytorch_model"))
         encoders = [CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True,
                                                   variant=_variant(root / "text_encoder", "model"))]
@@ -901,13 +895,14 @@ def _clip_vision_open_clip(visual: Dict[str, torch.Tensor], path: Path, quick: b
     ratio = mlp / width
     if int(width * ratio) != mlp:  # float round-off (bigG: 8192 / 1664)
         ratio = (mlp + 0.5) / width
-    model = VisionTransformer(image_size=grid * patch, patch_size=int(patch), width=int(width), layers=layers,
-                              heads=_heads_for_width(int(width)), mlp_ratio=ratio,
-                              output_dim=int(proj.shape[1]) if proj is not None else int(width),
-                              act_layer=QuickGELU if quick else torch.nn.GELU)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the file
+        model = VisionTransformer(image_size=grid * patch, patch_size=int(patch), width=int(width), layers=layers,
+                                  heads=_heads_for_width(int(width)), mlp_ratio=ratio,
+                                  output_dim=int(proj.shape[1]) if proj is not None else int(width),
+                                  act_layer=QuickGELU if quick else torch.nn.GELU)
     if proj is None:
         model.proj = None
-    _assign_weights(model, dict(visual), "CLIP vision", path.name, assign=False)
+    _assign_weights(model, dict(visual), "CLIP vision", path.name)
     desc = f"{path.name} (open_clip ViT {width}w/{layers}L/{patch}px patches, {grid * patch}px)"
     log.info("CLIP vision: %s, %s", desc, "QuickGELU" if quick else "GELU")
     return DenseCLIPFeatures.from_open_clip(model, name=desc).to(device, dtype)

@@ -274,10 +274,6 @@ class ConfusionMatrix:
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
-    def present(self) -> np.ndarray:
-        """Bool per class: appears in prediction or ground truth."""
-        return (self.matrix.sum(0) + self.matrix.sum(1)) > 0
-
     # -- merging / serialisation
     def _check_compatible(self, other: "ConfusionMatrix") -> None:
         if not isinstance(other, ConfusionMatrix):

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import ModelNotFoundError
 
@@ -77,15 +77,15 @@ def _pick(candidates: List[Tuple[Path, Path]], table, kind: str) -> Optional[Pat
     return chosen
 
 
-def extra_model_folders(root: Path, key: str) -> List[Path]:
-    """Folders for `key` ('checkpoints', 'clip_vision', ...) in ROOT/extra_model_paths.yaml.
+def extra_model_folders(root: Path) -> Dict[str, List[Path]]:
+    """{folder key ('checkpoints', 'clip_vision', ...): folders} from ROOT/extra_model_paths.yaml.
 
     Each top-level section may have a base_path (relative to the yaml's folder, ~ expanded);
     a key holds one folder or several, one per line, joined to base_path unless absolute.
     """
     config = Path(root) / "extra_model_paths.yaml"
     if not config.is_file():
-        return []
+        return {}
     try:
         import yaml  # PyYAML comes with huggingface_hub (a diffusers/transformers dependency)
     except ImportError:
@@ -95,19 +95,22 @@ def extra_model_folders(root: Path, key: str) -> List[Path]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ModelNotFoundError(f"cannot read {config}: {exc}. Fix the file (ComfyUI reads it too) or "
                                  "point at the weights with --checkpoint/--clip") from None
-    folders: List[Path] = []
+    folders: Dict[str, List[Path]] = {}
     for section in (data or {}).values() if isinstance(data, dict) else []:
-        if not isinstance(section, dict) or not isinstance(section.get(key), str):
+        if not isinstance(section, dict):
             continue
         base = section.get("base_path")
         base = Path(os.path.expanduser(str(base))) if base else None
         if base is not None and not base.is_absolute():
             base = config.parent / base
-        for line in section[key].splitlines():
-            line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()  # block values may carry comments
-            if line:
-                path = Path(os.path.expanduser(line))
-                folders.append(path if path.is_absolute() else (base or config.parent) / path)
+        for key, value in section.items():
+            if key == "base_path" or not isinstance(value, str):
+                continue
+            for line in value.splitlines():
+                line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()  # block values may carry comments
+                if line:
+                    path = Path(os.path.expanduser(line))
+                    folders.setdefault(key, []).append(path if path.is_absolute() else (base or config.parent) / path)
     return folders
 
 
@@ -150,8 +153,9 @@ def _search(explicit, env_var: str, flag: str, resolve, comfyui_dir,
     if root is None:
         looked.append(f"a ComfyUI install (--comfyui-dir not given, ${COMFYUI_ENV} not set)")
         return None, looked
+    extra = extra_model_folders(root)
     for name, candidates, nothing in kinds:
-        folders = [root / "models" / name] + extra_model_folders(root, name)
+        folders = [root / "models" / name] + extra.get(name, [])
         found = _pick([(folder, path) for folder in folders for path in candidates(folder)], table, kind)
         if found:
             return found, looked

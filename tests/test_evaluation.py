@@ -270,7 +270,10 @@ def test_g4seg_method_code_path_with_a_stub_pipeline(voc, tmp_path, monkeypatch)
             self.prob = prob
 
     class StubPipeline:
-        def refine(self, image, mask, label, config=None):
+        def prepare_image(self, image, config):
+            return None
+
+        def refine(self, image, mask, label, config=None, context=None):
             seen.append((image.shape, mask.shape, label, config.beta))
             return Result(grey_dilate_disk(mask, 1))
 

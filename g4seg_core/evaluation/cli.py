@@ -146,9 +146,9 @@ def _fingerprint(run: dict) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from .report import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _save_label_map(path: Path, labels) -> None:
@@ -221,7 +221,8 @@ def run_eval(args) -> int:
                          "(or g4seg eval --merge OUT)")
     if not args.out:
         raise G4SegError("give an output folder with --out")
-    from ..baselines import make_refiner, needs_pipeline
+    from ..baselines import make_refiner, needs_crf, needs_pipeline
+    from .report import pred_path
     from ..cli import build_pipeline, config_from_args
     from .datasets import VOCStyleDataset, read_class_names
 
@@ -246,7 +247,7 @@ def run_eval(args) -> int:
     pipeline, models = None, "none (no g4seg method)"
     if any(needs_pipeline(m) for m in methods):
         pipeline, models = build_pipeline(args, config)
-    if any("densecrf" in m for m in methods):
+    if any(needs_crf(m) for m in methods):
         from ..densecrf import crf_available, _INSTALL_HINT
 
         if not crf_available():
@@ -304,12 +305,11 @@ def run_eval(args) -> int:
             before = score(coarse_label, sample.gt, dataset.num_classes, dataset.ignore_index,
                            args.boundary_ratio)
             if save:
-                _save_label_map(out_dir / "pred" / "coarse" / f"{sid}.png", coarse_label)
-            for name, record, label, _ in evaluate_image(
-                    sample, pending, dataset.num_classes, dataset.ignore_index, bg_power,
-                    args.boundary_ratio, before=before, coarse_label=coarse_label):
+                _save_label_map(pred_path(out_dir, "coarse", sid), coarse_label)
+            for name, record, label in evaluate_image(sample, pending, dataset.num_classes, dataset.ignore_index,
+                                                      bg_power, args.boundary_ratio, before=before):
                 if save:
-                    _save_label_map(out_dir / "pred" / name / f"{sid}.png", label)
+                    _save_label_map(pred_path(out_dir, name, sid), label)
                 writer.write(record)
             bar.update(1)
         bar.close()

@@ -31,7 +31,7 @@ def pred_path(out_dir, method: str, sid: str) -> Path:
     return Path(out_dir) / "pred" / method / f"{sid}.png"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -39,7 +39,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_summary_json(out_dir, summary: dict) -> Path:
     path = Path(out_dir) / "summary.json"
-    _atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=False, allow_nan=False) + "\n")
     return path
 
 
@@ -318,5 +318,5 @@ def write_report_html(out_dir, summary: dict, grid: Optional[Path]) -> Path:
                    f"<img src='{esc(grid.name)}' alt='example grid' style='max-width:100%'>")
     out.append("<h2>Run</h2><pre>" + esc(json.dumps(run, indent=2)) + "</pre></body></html>")
     path = Path(out_dir) / "report.html"
-    _atomic_write_text(path, "\n".join(out))
+    atomic_write_text(path, "\n".join(out))
     return path

@@ -53,14 +53,15 @@ def score(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int,
     valid = gt != ignore_index
     cm = ConfusionMatrix(num_classes, ignore_index).update(pred, gt)
     d = boundary_dilation(gt.shape, boundary_ratio)
-    classes = sorted(set(np.unique(gt[valid]).tolist()) | set(np.unique(pred[valid]).tolist()))
+    gt_classes = np.unique(gt[valid]).tolist()
+    classes = sorted(set(gt_classes) | set(np.unique(pred[valid]).tolist()))
     biou = {}
     for c in classes:
         bp = boundary_band(pred == c, dilation=d) & valid
         bg = boundary_band(gt == c, dilation=d) & valid
         biou[str(int(c))] = [int(np.count_nonzero(bp & bg)), int(np.count_nonzero(bp | bg))]
     ious, mbas = {}, {}
-    for c in sorted(np.unique(gt[valid]).tolist()):
+    for c in gt_classes:  # np.unique: already sorted
         if c == 0:
             continue
         ious[str(int(c))] = iou(pred == c, gt == c, valid=valid)
@@ -72,14 +73,9 @@ def score(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int,
 
 
 def evaluate_image(sample, refiners: Mapping[str, Callable], num_classes: int, ignore_index: int,
-                   bg_power: float = 1.0, boundary_ratio: float = 0.02,
-                   before: Optional[dict] = None, coarse_label: Optional[np.ndarray] = None):
-    """Yield (method, record, label_map) for each refiner; ``before`` may be precomputed."""
+                   bg_power: float, boundary_ratio: float, before: dict):
+    """Yield (method, record, label_map) for each refiner; ``before`` is the coarse map's score()."""
     hw = sample.gt.shape
-    if coarse_label is None:
-        coarse_label = fuse(sample.coarse, hw, bg_power)
-    if before is None:
-        before = score(coarse_label, sample.gt, num_classes, ignore_index, boundary_ratio)
     for name, refiner in refiners.items():
         t0 = time.perf_counter()
         refined = {}
@@ -95,7 +91,7 @@ def evaluate_image(sample, refiners: Mapping[str, Callable], num_classes: int, i
                   "classes": sorted(int(c) for c in sample.coarse),
                   "image": sample.image_path, "gt": sample.gt_path,
                   "before": before, "after": after, "time_s": round(elapsed, 4)}
-        yield name, record, label, coarse_label
+        yield name, record, label
 
 
 # ----------------------------------------------------------------------------- files
