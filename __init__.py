@@ -19,10 +19,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 IMPORT_ERROR = None
 
 try:
-    if __package__:
-        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-    else:  # imported as a plain module (not as a package)
-        from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+    # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 except Exception as exc:  # never break the host application
     IMPORT_ERROR = exc
     logging.getLogger(__name__).warning("ComfyUI-G4Seg nodes are unavailable: %s", exc)

@@ -18,6 +18,14 @@ DIRECTIONS = ("original_to_generated", "generated_to_original")
 SOFTEN_MODES = ("sdf", "blur", "none")
 
 
+def fill_prompt(template: str, label: str) -> str:
+    """The template with every '{}' replaced by the class name (other braces kept as typed)."""
+    if "{}" not in template:
+        raise G4SegError(f"prompt_template {template!r} has no '{{}}' where the class name goes, "
+                         "e.g. 'a photo of a {}'")
+    return template.replace("{}", label)
+
+
 @dataclass
 class G4SegConfig:
     # Step 1: working resolution (paper: 512; SD2.1-768 v-models: 768; SDXL: 1024).
@@ -89,7 +97,7 @@ class G4SegConfig:
         return self
 
     def prompt_for(self, label: str) -> str:
-        return self.prompt_template.format(label)
+        return fill_prompt(self.prompt_template, label)
 
     def replace(self, **changes) -> "G4SegConfig":
         return dataclasses.replace(self, **changes)

@@ -21,7 +21,6 @@ plain tensors and a dict shaped like `extra_options`.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -132,6 +131,7 @@ class G4SegAttentionPatch:
         self.log_sigmas = log_sigmas
         self.inner = inner
         self.block = block
+        self._groups = {}  # (cond/uncond order, batch, device) -> row groups
 
     # ModelPatcher.model_patches_to() calls .to(device) on replace patches.
     def to(self, device):
@@ -154,47 +154,63 @@ class G4SegAttentionPatch:
             return self.inner(q, k, v, extra_options)
         return comfy_attention(q, k, v, int(extra_options["n_heads"]), extra_options)
 
+    def _row_groups(self, extra_options: dict, batch: int, device) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """[(mask j, its conditional row indices on `device`, the same on the CPU)], worked out on the CPU
+        from the cond/uncond order (no device syncs) and cached: it is the same for every layer."""
+        order = tuple(int(c) for c in (extra_options.get("cond_or_uncond") or ()))
+        key = (order, batch, str(device))
+        if key not in self._groups:
+            cond = cond_rows(extra_options, batch, device="cpu")
+            img = image_index(extra_options, batch)
+            n = len(self.settings)
+            groups = []
+            for j in range(n):
+                rows = torch.nonzero(cond if n == 1 else cond & (img % n == j)).flatten()
+                if rows.numel():
+                    groups.append((j, rows.to(device), rows))
+            self._groups[key] = groups
+        return self._groups[key]
+
     def __call__(self, q, k, v, extra_options):
         heads = int(extra_options["n_heads"])
         batch, num_q = q.shape[0], q.shape[1]
-        rows_cond = cond_rows(extra_options, batch, device=q.device)
-        groups: List[Tuple[torch.Tensor, InjectionSettings, float]] = []
-        if bool(rows_cond.any()):
-            img = image_index(extra_options, batch).to(q.device)
-            n = len(self.settings)
-            for j, settings in enumerate(self.settings):
-                if settings.mode == "off":
-                    continue
-                weight = self._weight(settings, extra_options)
-                if weight == 0:
-                    continue
-                rows = rows_cond if n == 1 else rows_cond & (img % n == j)
-                if bool(rows.any()):
-                    groups.append((rows, settings, weight))
-        if not groups:
+        active = []  # (rows, settings, weight, rows on the CPU)
+        for j, rows, rows_cpu in self._row_groups(extra_options, batch, q.device):
+            settings = self.settings[j]
+            weight = 0.0 if settings.mode == "off" else self._weight(settings, extra_options)
+            if weight != 0:
+                active.append((rows, settings, weight, rows_cpu))
+        if not active:
             return self._base(q, k, v, extra_options)
 
         gh, gw = token_grid(extra_options, num_q)
-        all_rows = torch.zeros(batch, dtype=torch.bool, device=q.device)
-        for rows, _, _ in groups:
-            all_rows |= rows
+
+        def emi(rows, settings, weight, qs, ks, vs):
+            return injected_attention(qs, ks, vs, heads, kind=self.kind,
+                                      mask_tokens=settings.tokens_for_grid(gh, gw, device=q.device),
+                                      token_positions=settings.token_positions, mode=settings.mode,
+                                      weight=weight, area_scale=settings.area_scale)
+
+        if self.inner is None and len(active) == 1 and active[0][3].numel() == batch:  # one mask, all rows cond
+            return emi(*active[0][:3], q, k, v).to(q.dtype)
         if self.inner is None:
             out = q.new_empty(batch, num_q, v.shape[-1])
-            rest = ~all_rows
-            if bool(rest.any()):
-                out[rest] = comfy_attention(q[rest], k[rest], v[rest], heads, extra_options).to(out.dtype)
+            covered = torch.zeros(batch, dtype=torch.bool)
+            for *_, rows_cpu in active:
+                covered[rows_cpu] = True
+            rest = torch.nonzero(~covered).flatten().to(q.device)
+            if rest.numel():
+                plain = comfy_attention(q.index_select(0, rest), k.index_select(0, rest), v.index_select(0, rest),
+                                        heads, extra_options)
+                out.index_copy_(0, rest, plain.to(out.dtype))
         else:
             out = self._base(q, k, v, extra_options).clone()
-        for rows, settings, weight in groups:
-            tokens = settings.tokens_for_grid(gh, gw, device=q.device)
-            qs, ks, vs = q[rows], k[rows], v[rows]
-            emi = injected_attention(qs, ks, vs, heads, kind=self.kind, mask_tokens=tokens,
-                                     token_positions=settings.token_positions, mode=settings.mode,
-                                     weight=weight, area_scale=settings.area_scale)
-            if self.inner is None:
-                out[rows] = emi.to(out.dtype)
-            else:
-                out[rows] = out[rows] + (emi - plain_attention(qs, ks, vs, heads)).to(out.dtype)
+        for rows, settings, weight, _ in active:
+            qs, ks, vs = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
+            delta = emi(rows, settings, weight, qs, ks, vs)
+            if self.inner is not None:  # first-order composition with the other pack's attention
+                delta = out.index_select(0, rows) + (delta - plain_attention(qs, ks, vs, heads))
+            out.index_copy_(0, rows, delta.to(out.dtype))
         return out
 
     def __repr__(self) -> str:

@@ -6,7 +6,7 @@ ComfyUI conventions: IMAGE is float [B, H, W, C] in [0, 1]; MASK is float [B, H,
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -130,11 +130,6 @@ def image_to_chw(image_hwc: torch.Tensor) -> torch.Tensor:
     return image_hwc.permute(2, 0, 1)[None].float()
 
 
-def chw_to_image(x: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> IMAGE [B, H, W, 3]."""
-    return x.permute(0, 2, 3, 1).float().clamp(0, 1)
-
-
 def image_to_mask(image_hwc: torch.Tensor, channel: str = "luminance") -> torch.Tensor:
     """[H, W, C] image -> [H, W] map."""
     if channel == "alpha":
@@ -151,10 +146,6 @@ def image_to_mask(image_hwc: torch.Tensor, channel: str = "luminance") -> torch.
     return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
 
 
-def is_binary(prob: torch.Tensor, eps: float = 1e-6) -> bool:
-    return bool(((prob <= eps) | (prob >= 1 - eps)).all())
-
-
 def stack_masks(masks: List[torch.Tensor]) -> torch.Tensor:
     """List of [H, W] -> [B, H, W] on the intermediate device (sizes must agree)."""
     sizes = {tuple(m.shape) for m in masks}
@@ -163,13 +154,8 @@ def stack_masks(masks: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack([m.float() for m in masks]).to(intermediate_device())
 
 
-def parse_class(value: str) -> Optional[str]:
-    v = (value or "").strip()
-    return v or None
-
-
 def class_name_or_error(value: str) -> str:
-    v = parse_class(value)
-    if v is None:
+    v = (value or "").strip()
+    if not v:
         raise G4SegError("class_name is empty: type the object's name as in the prompt, e.g. 'cat'")
     return v

@@ -8,14 +8,13 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from g4seg_core.clip_features import DenseCLIPFeatures, interpolate_position_grid
+from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, interpolate_position_grid
 from g4seg_core.config import DIRECTIONS, G4SegConfig
-from g4seg_core.correspondence import grid_match_to_pixels, match_features, resample_features
 from g4seg_core.errors import G4SegError
 from g4seg_core.injection import plain_attention
-from g4seg_core.mixing import update_from_features
+from g4seg_core.mixing import correspondence_for, update_from_features
 
-from .common import (CATEGORY, Progress, check_aspect, check_interrupt, chw_to_image, image_batch,
+from .common import (CATEGORY, Progress, check_aspect, check_interrupt, image_batch,
                      image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
 
 _D = G4SegConfig()
@@ -94,17 +93,12 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
             x = projection(x)
         return x
 
-    class _Module(torch.nn.Module):  # only so DenseCLIPFeatures can read device/dtype
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-    mean = getattr(clip_vision, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(clip_vision, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mean = getattr(clip_vision, "image_mean", None) or CLIP_MEAN
+    std = getattr(clip_vision, "image_std", None) or CLIP_STD
     mm.load_model_gpu(clip_vision.patcher)
     # fp32 inputs, as ComfyUI's own encode_image: the weights may be stored in fp16 (ComfyUI's CPU
     # default) and its manual-cast layers compute in the input's dtype; fp16 on a CPU is very slow.
-    feats = DenseCLIPFeatures(tokens_fn, patch, _Module(outer), name="comfy-clip-vision", mean=mean, std=std,
+    feats = DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
                               compute_device=getattr(clip_vision, "load_device", None), compute_dtype=torch.float32)
     return feats
 
@@ -135,17 +129,11 @@ def match_visualisation(orig_img: torch.Tensor, gen_img: torch.Tensor, corr_orig
 
     A good correspondence looks like the source image; misplaced regions show as seams.
     """
-    o = resample_features(corr_orig, grid)
-    g = resample_features(corr_gen, grid)
-    if direction == "original_to_generated":
-        source, target = gen_img, orig_img
-        match = match_features(o, g)
-    else:
-        source, target = orig_img, gen_img
-        match = match_features(g, o)
+    source, target = (gen_img, orig_img) if direction == "original_to_generated" else (orig_img, gen_img)
     h, w = target.shape[0], target.shape[1]
+    _, delta = correspondence_for(corr_orig, corr_gen, (h, w), direction, grid)  # the mixing's own match
     src = resize_map(source.permute(2, 0, 1), (h, w))  # [3, h, w]
-    idx = grid_match_to_pixels(match.cpu(), h, w).flatten()
+    idx = delta.cpu().flatten()
     return src.reshape(3, -1)[:, idx].reshape(3, h, w).permute(1, 2, 0).clamp(0, 1)
 
 

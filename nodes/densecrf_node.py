@@ -21,19 +21,19 @@ def crf_refine_batch(image, mask, iterations: int = 10, gaussian_sxy: float = 3.
     """IMAGE [B, H, W, C] + MASK -> (refined probability [B, H, W], binary [B, H, W])."""
     images, masks = image_batch(image), mask_batch(mask)
     n = pair_batches(images, masks)
+    check_same_size(tuple(masks.shape[1:]), tuple(images.shape[1:3]),
+                    resize_hint="the CRF works at the image's resolution: resize the mask to the image first")
     # Only the foreground probability is read: a 2-label CRF with background = 1 - p.
     progress, probs = Progress(n), []
     for i in range(n):
         check_interrupt()
         img, prob = pick(images, i), pick(masks, i)
-        check_same_size(tuple(prob.shape), tuple(img.shape[:2]),
-                        resize_hint="the CRF works at the image's resolution: resize the mask to the image first")
         rgb = np.clip(np.rint(img.cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
         refined = dense_crf(rgb, validate_probability(prob, name="mask"), iterations=int(iterations),
                             gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
                             bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
                             bilateral_compat=bilateral_compat,
-                            confidence=None if confidence >= 1.0 else float(confidence))
+                            confidence=float(confidence))  # 1.0: the mask as is
         probs.append(torch.from_numpy(refined))
         progress.update(1)
     prob_out = stack_masks(probs)

@@ -6,7 +6,7 @@ from typing import List, Tuple
 
 import torch
 
-from g4seg_core.config import EMI_MODES, EMI_SCHEDULES, G4SegConfig
+from g4seg_core.config import EMI_MODES, EMI_SCHEDULES, G4SegConfig, fill_prompt
 from g4seg_core.errors import G4SegError
 from g4seg_core.injection import InjectionSettings
 
@@ -14,12 +14,6 @@ from . import attention_patch
 from .common import CATEGORY, class_name_or_error, mask_batch
 
 _D = G4SegConfig()
-
-
-def prompt_for(template: str, class_name: str) -> str:
-    if "{}" not in template:
-        raise G4SegError(f"prompt_template {template!r} has no '{{}}' where the class name goes, e.g. 'a photo of a {{}}'")
-    return template.replace("{}", class_name)
 
 
 def class_token_positions(clip, prompt: str, class_name: str) -> Tuple[dict, List[int]]:
@@ -53,7 +47,7 @@ def build_settings(masks: torch.Tensor, positions, emi_mode, cross_weight, self_
 def encode_prompt(clip, class_name, prompt_template):
     """(prompt, class token positions, CONDITIONING) for the class name in the template."""
     name = class_name_or_error(class_name)
-    prompt = prompt_for(prompt_template, name)
+    prompt = fill_prompt(prompt_template, name)
     tokens, positions = class_token_positions(clip, prompt, name)
     return prompt, positions, encode_tokens(clip, tokens)
 

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from g4seg_core import masks as core_masks
 from g4seg_core.config import DIRECTIONS, EMI_MODES, EMI_SCHEDULES, SOFTEN_MODES, G4SegConfig

@@ -100,9 +100,9 @@ def test_pairing_and_size_checks():
 
 
 def test_prompt_and_working_size():
-    assert inject_nodes.prompt_for("a photo of a {}", "cat") == "a photo of a cat"
+    assert inject_nodes.fill_prompt("a photo of a {}", "cat") == "a photo of a cat"
     with pytest.raises(G4SegError):
-        inject_nodes.prompt_for("a photo", "cat")
+        inject_nodes.fill_prompt("a photo", "cat")
     assert refine_node.working_size(512, (300, 400)) == (512, 512)
     assert refine_node.working_size(0, (300, 405)) == (296, 400)
     with pytest.raises(G4SegError):
