@@ -76,6 +76,7 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
     encode_s = time.perf_counter() - encode_start
     bar = Progress(batch)
     refined_all, generated_all = [], []
+    image_side = None  # (working image, latent, CLIP features): once when one image serves every mask
     for i in range(batch):
         check_interrupt()
         img = pick(images, i)
@@ -86,14 +87,19 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
         soft = torch.from_numpy(np.ascontiguousarray(soft_np, dtype=np.float32))
         work_prob = torch.from_numpy(np.ascontiguousarray(
             core_masks.resize_probability(soft_np, work_hw, mode="bilinear"), dtype=np.float32))
-        work_img = resize_map(img.permute(2, 0, 1), work_hw).permute(1, 2, 0).clamp(0, 1)[None]
-
         timings = {"encode_prompt": encode_s} if i == 0 else {}
+        if image_side is None or images.shape[0] > 1:
+            work_img = resize_map(img.permute(2, 0, 1), work_hw).permute(1, 2, 0).clamp(0, 1)[None]
+            with _stage(timings, "vae_encode"):
+                samples = vae.encode(work_img[:, :, :, :3])
+            with _stage(timings, "clip_original"):
+                of = features_for(extractor, work_img[0].cpu(), work_hw)
+            image_side = (samples, of)
+        samples, of = image_side
         with _stage(timings, "inject"):
             patched, positive, _ = inject_attention(model, clip, work_prob, class_name, prompt_template, emi_mode,
                                                     cross_weight, self_weight, area_scale, schedule, encoded=encoded)
-        with _stage(timings, "vae_encode"):
-            latent = {"samples": vae.encode(work_img[:, :, :, :3])}
+        latent = {"samples": samples}
         with _stage(timings, "unet"):
             x0, _ = one_step_denoise(patched, positive, latent, int(timestep), int(seed) + i, negative=negative,
                                      cfg=cfg)
@@ -104,8 +110,6 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
             gen = generated[0].cpu().clamp(0, 1)
             if tuple(gen.shape[:2]) != work_hw:
                 gen = resize_map(gen.permute(2, 0, 1), work_hw).permute(1, 2, 0)
-        with _stage(timings, "clip_original"):
-            of = features_for(extractor, work_img[0].cpu(), work_hw)
         with _stage(timings, "clip_generated"):
             gf = features_for(extractor, gen, work_hw)
         with _stage(timings, "correspondence_and_mixing"):

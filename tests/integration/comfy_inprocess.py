@@ -132,6 +132,26 @@ def parity(ckpt, diffusers_dir, cv_path, size=128):
             "changed_fraction": float((core_prob != torch.from_numpy(core.coarse)).float().mean())}
 
 
+def broadcast(ckpt, cv_path):
+    """One image with two masks (the image's work is shared) == each mask refined on its own."""
+    load_pack()
+    refine_node = sys.modules["g4seg_pack.nodes.refine_node"]
+    model, clip, vae, cv = load_models(ckpt, cv_path)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 16:48, 16:48] = 1
+    masks[1, 8:40, 20:60] = 1
+
+    def run(m, seed):
+        with torch.inference_mode():
+            return refine_node.refine(model, clip, vae, cv, image, m, "cat", 400, seed, "densediffusion", 1.0, 0.3,
+                                      0.8, 0.2, 0.6, 1, 0.5, 64, "sdf", 8.0)[0]
+
+    both = run(masks, 0)
+    return {"shape": list(both.shape), "diff": [float((both[0] - run(masks[:1], 0)[0]).abs().max()),
+                                                float((both[1] - run(masks[1:], 1)[0]).abs().max())]}
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "chain":
@@ -140,5 +160,7 @@ if __name__ == "__main__":
         size = int(sys.argv[4]) if len(sys.argv) > 4 else 512
         runs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
         print(json.dumps(bench(sys.argv[2], sys.argv[3], size, runs)))
+    elif what == "broadcast":
+        print(json.dumps(broadcast(sys.argv[2], sys.argv[3])))
     elif what == "parity":
         print(json.dumps(parity(sys.argv[2], sys.argv[3], sys.argv[4])))

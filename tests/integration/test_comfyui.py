@@ -235,3 +235,12 @@ def test_node_and_core_give_the_same_refinement(models):
     assert res["changed_fraction"] > 0.01, res  # the refinement did move pixels
     assert res["prob_max_diff"] < 1e-3 and res["binary_agreement"] > 0.999, res
     assert res["generated_max_diff"] < 0.01, res  # the core's generated image is rounded to uint8
+
+
+def test_one_image_many_masks_matches_one_by_one(models):
+    out = subprocess.run([PYTHON, os.path.join(HERE, "comfy_inprocess.py"), "broadcast",
+                          os.path.join(models, "checkpoints", CKPT), os.path.join(models, "clip_vision", CLIP_VISION)],
+                         capture_output=True, text=True, env=_env(), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["shape"] == [2, 64, 64] and max(res["diff"]) < 1e-5, res
