@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import G4SegError
-from .injection import InjectionSettings
+from .injection import InjectionSettings, grid_for_tokens
 
 
 @dataclass
@@ -40,9 +40,10 @@ class InjectionState:
                           for r in range(q.shape[0])])
 
     def _rows_attention(self, settings: InjectionSettings, q, k, v, heads, kind, apply_to):
-        tokens = settings.tokens_for(q.shape[1], *self.latent_hw, device=q.device)
-        return settings.attention(q, k, v, heads, kind=kind, timestep=self.timestep, mask_tokens=tokens,
-                                  apply_to=apply_to)
+        gh, gw = grid_for_tokens(q.shape[1], *self.latent_hw)
+        return settings.attention(q, k, v, heads, kind=kind, timestep=self.timestep,
+                                  mask_tokens=settings.tokens_for_grid(gh, gw, device=q.device),
+                                  apply_to=apply_to, area=settings.area_for_grid(gh, gw))
 
 
 class G4SegAttnProcessor:

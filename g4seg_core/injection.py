@@ -23,10 +23,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .config import EMI_MODES as MODES
 from .config import emi_time_factor
 from .errors import G4SegError
 
-MODES = ("additive", "densediffusion", "off")
 # Bound on the logits block the densediffusion mode materialises for its row max/min (elements).
 _DD_BLOCK_ELEMENTS = 1 << 20  # ~4 MB of fp32 logits: stays in cache
 
@@ -78,9 +78,10 @@ def _key_vector(kind: str, mask_tokens: torch.Tensor, token_positions: Sequence[
     raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
 
 
-def densediffusion_strength(weight: float, area_scale: float, mask_tokens: torch.Tensor) -> float:
+def densediffusion_strength(weight: float, area_scale: float, mask_tokens: torch.Tensor,
+                            area: Optional[float] = None) -> float:
     """w (1 - s*area), area = foreground fraction of the block's grid (DenseDiffusion's size term)."""
-    area = float(mask_tokens.float().mean())
+    area = float(mask_tokens.float().mean()) if area is None else area
     return weight * max(0.0, 1.0 - area_scale * area)
 
 
@@ -143,7 +144,7 @@ def _row_extremes(qh: torch.Tensor, kh: torch.Tensor, scale: float):
     return row_max, row_min
 
 
-def _densediffusion(q, k, v, heads, key_vector, weight, area_scale, mask_tokens):
+def _densediffusion(q, k, v, heads, key_vector, weight, area_scale, mask_tokens, area=None):
     """DenseDiffusion's modulation through one fused attention call, no [Nq, Nk] tensor kept.
 
     On a modulated row i (s_i = w(1 - s*area) on foreground rows, 0 elsewhere), with
@@ -157,7 +158,7 @@ def _densediffusion(q, k, v, heads, key_vector, weight, area_scale, mask_tokens)
     qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
     b, h, nq, d = qh.shape
     scale = 1.0 / math.sqrt(d)
-    strength = densediffusion_strength(weight, area_scale, mask_tokens)
+    strength = densediffusion_strength(weight, area_scale, mask_tokens, area)
     s_rows = strength * (mask_tokens > 0.5).float()  # [Nq]
     row_max, row_min = _row_extremes(qh, kh, scale)
     bias_scale = s_rows * (row_max - row_min)  # [B, heads, Nq]: coefficient of R_i
@@ -172,11 +173,13 @@ def _densediffusion(q, k, v, heads, key_vector, weight, area_scale, mask_tokens)
 def injected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, kind: str,
                        mask_tokens: torch.Tensor, token_positions: Sequence[int] = (), mode: str = "additive",
                        weight: float = 1.0, area_scale: float = 1.0,
-                       apply_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       apply_to: Optional[torch.Tensor] = None, area: Optional[float] = None) -> torch.Tensor:
     """Attention over projected q, k, v [B, N, heads*d] with the mask injected.
 
     `apply_to` is a bool [B] choosing the batch rows to modulate (the conditional half
-    under CFG); other rows get plain attention. Returns [B, Nq, heads*d].
+    under CFG); other rows get plain attention. `area`, the foreground fraction of
+    mask_tokens, may be given by a caller that has it on the CPU (saves device reads).
+    Returns [B, Nq, heads*d].
     """
     if mode not in MODES:
         raise G4SegError(f"EMI mode {mode!r}: choose one of {MODES}")
@@ -186,11 +189,9 @@ def injected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     if mask_tokens.numel() != nq:
         raise G4SegError(f"mask has {mask_tokens.numel()} tokens but the attention has {nq} queries")
     mask_tokens = mask_tokens.to(device=q.device, dtype=torch.float32)
-    if mode == "off" or weight == 0 or not bool((mask_tokens > 0.5).any()):
-        return plain_attention(q, k, v, heads)
-    rows = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if apply_to is None \
-        else apply_to.to(device=q.device, dtype=torch.bool)
-    if not bool(rows.any()):
+    if area is None:
+        area = float(mask_tokens.mean())  # tokens are 0/1 (mask_to_tokens): no foreground <=> area 0
+    if mode == "off" or weight == 0 or area <= 0:
         return plain_attention(q, k, v, heads)
 
     def modulated(qs, ks, vs):
@@ -203,8 +204,13 @@ def injected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
                 raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
             return _additive(qs, ks, vs, heads, bias)
         return _densediffusion(qs, ks, vs, heads, _key_vector(kind, mask_tokens, token_positions, nk),
-                               weight, area_scale, mask_tokens)
+                               weight, area_scale, mask_tokens, area)
 
+    if apply_to is None:
+        return modulated(q, k, v)
+    rows = apply_to.to(device=q.device, dtype=torch.bool)
+    if not bool(rows.any()):
+        return plain_attention(q, k, v, heads)
     if bool(rows.all()):
         return modulated(q, k, v)
     out = torch.empty_like(q)
@@ -246,10 +252,14 @@ class InjectionSettings:
             self._tokens[key] = mask_to_tokens(self.mask.float().cpu(), gh, gw).to(device)
         return self._tokens[key]
 
+    def area_for_grid(self, gh: int, gw: int) -> float:
+        """Foreground fraction of the tokens at this grid, read on the CPU once (no device sync per layer)."""
+        return float(self.tokens_for_grid(gh, gw, device="cpu").mean())
+
     def attention(self, q, k, v, heads: int, *, kind: str, timestep: float, mask_tokens: torch.Tensor,
-                  apply_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  apply_to: Optional[torch.Tensor] = None, area: Optional[float] = None) -> torch.Tensor:
         cross_w, self_w = self.weights_at(timestep)
         return injected_attention(q, k, v, heads, kind=kind, mask_tokens=mask_tokens,
                                   token_positions=self.token_positions, mode=self.mode,
                                   weight=cross_w if kind == "cross" else self_w,
-                                  area_scale=self.area_scale, apply_to=apply_to)
+                                  area_scale=self.area_scale, apply_to=apply_to, area=area)

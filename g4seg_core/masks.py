@@ -626,7 +626,8 @@ def prepare_coarse(mask, working_size: int = 512, soften: str = "sdf",
                          "so there is nothing to refine")
     if float(prob.min()) >= 1.0:
         raise G4SegError("the mask covers the whole image (all one): there is no boundary to refine")
-    if is_binary(prob) and soften != "none":
+    binary = is_binary(prob)
+    if binary and soften != "none":
         scale = max(prob.shape) / float(working_size)
         return soften_binary(prob, mode=soften, width=width * scale)
-    return prob, "binary input, softening off" if is_binary(prob) else "soft input, not softened"
+    return prob, "binary input, softening off" if binary else "soft input, not softened"

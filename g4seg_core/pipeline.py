@@ -182,8 +182,8 @@ class G4SegPipeline:
             raise G4SegError(f"{batch} latents but {len(embeddings)} prompts and {len(settings)} masks")
         t = config.timestep
         alpha_bar = alpha_bar_at(comps.alphas_cumprod, t)
-        noise = torch.cat([torch.randn(z0[:1].shape, generator=torch.Generator("cpu").manual_seed(config.seed),
-                                       dtype=torch.float32) for _ in range(batch)]).to(z0.device)
+        noise = torch.randn(z0[:1].shape, generator=torch.Generator("cpu").manual_seed(config.seed),
+                            dtype=torch.float32).repeat(batch, 1, 1, 1).to(z0.device)
         z_t = add_noise(z0.float(), noise, alpha_bar)
         height, width = (s * comps.vae_downsample for s in z0.shape[-2:])
         hidden = torch.cat([e.hidden_states.to(self.device, unet.dtype) for e in embeddings])

@@ -189,7 +189,8 @@ class G4SegAttentionPatch:
             return injected_attention(qs, ks, vs, heads, kind=self.kind,
                                       mask_tokens=settings.tokens_for_grid(gh, gw, device=q.device),
                                       token_positions=settings.token_positions, mode=settings.mode,
-                                      weight=weight, area_scale=settings.area_scale)
+                                      weight=weight, area_scale=settings.area_scale,
+                                      area=settings.area_for_grid(gh, gw))
 
         if self.inner is None and len(active) == 1 and active[0][3].numel() == batch:  # one mask, all rows cond
             return emi(*active[0][:3], q, k, v).to(q.dtype)
