@@ -213,34 +213,31 @@ def test_workflow_executes(server, inputs, name):
     assert sizes and all(s == (W, H) for s in sizes), sizes
 
 
-def test_patch_chains_with_other_attention_patch(models):
-    out = subprocess.run([PYTHON, os.path.join(HERE, "comfy_inprocess.py"), "chain",
-                          os.path.join(models, "checkpoints", CKPT), os.path.join(models, "clip_vision", CLIP_VISION)],
+def _inprocess(mode, *paths):
+    """Run comfy_inprocess.py MODE PATHS... in ComfyUI's Python; its last stdout line is JSON."""
+    out = subprocess.run([PYTHON, os.path.join(HERE, "comfy_inprocess.py"), mode, *paths],
                          capture_output=True, text=True, env=_env(), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_patch_chains_with_other_attention_patch(models):
+    res = _inprocess("chain", os.path.join(models, "checkpoints", CKPT), os.path.join(models, "clip_vision", CLIP_VISION))
     assert res["wrapped"] and res["calls"]["other"] == res["blocks"] and res["calls"]["g4seg"] == 2 * res["blocks"]
     assert res["changed"] > 0
 
 
 def test_node_and_core_give_the_same_refinement(models):
     """Same weights through ComfyUI (single-file checkpoint) and the core (diffusers folder): same masks."""
-    diffusers_dir = os.path.join(models, "diffusers", CKPT.replace(".safetensors", ""))
-    out = subprocess.run([PYTHON, os.path.join(HERE, "comfy_inprocess.py"), "parity",
-                          os.path.join(models, "checkpoints", CKPT), diffusers_dir,
-                          os.path.join(models, "clip_vision", CLIP_VISION)],
-                         capture_output=True, text=True, env=_env(), timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = _inprocess("parity", os.path.join(models, "checkpoints", CKPT),
+                     os.path.join(models, "diffusers", CKPT.replace(".safetensors", "")),
+                     os.path.join(models, "clip_vision", CLIP_VISION))
     assert res["changed_fraction"] > 0.01, res  # the refinement did move pixels
     assert res["prob_max_diff"] < 1e-3 and res["binary_agreement"] > 0.999, res
     assert res["generated_max_diff"] < 0.01, res  # the core's generated image is rounded to uint8
 
 
 def test_one_image_many_masks_matches_one_by_one(models):
-    out = subprocess.run([PYTHON, os.path.join(HERE, "comfy_inprocess.py"), "broadcast",
-                          os.path.join(models, "checkpoints", CKPT), os.path.join(models, "clip_vision", CLIP_VISION)],
-                         capture_output=True, text=True, env=_env(), timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = _inprocess("broadcast", os.path.join(models, "checkpoints", CKPT),
+                     os.path.join(models, "clip_vision", CLIP_VISION))
     assert res["shape"] == [2, 64, 64] and max(res["diff"]) < 1e-5, res
