@@ -26,12 +26,12 @@ def load_segmenter(clip, text, config: Optional[ZeroShotConfig] = None, device: 
     """A ZeroShotSegmenter from a CLIP image-encoder file/spec and a text-tower file/spec (local files only).
 
     Args:
-        clip: what `loading.load_clip_vision` takes (models/clip_vision file, open_clip weights,
+        clip: what `clip_loading.load_clip_vision` takes (models/clip_vision file, open_clip weights,
             'ViT-B-16:/path/weights.bin').
         text: what `text.load_text_tower` takes (SD2.x/SDXL single-file checkpoint, open_clip CLIP file,
             SDXL diffusers folder); may be the same file as `clip` for a full open_clip CLIP.
     """
-    from ..loading import load_clip_vision
+    from ..clip_loading import load_clip_vision
 
     config = config or ZeroShotConfig()
     features = neighbourhood_features(load_clip_vision(clip, device=device, dtype=dtype), config.sigma)

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..detection import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT2_PREFIX
 from ..errors import G4SegError
 from ..tokenizer import G4SegTokenizer
 
@@ -165,9 +166,6 @@ class TransformersTextTower:
 
 
 # ---------------------------------------------------------------------------- loading from files
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
 _TEXT_PARTS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
@@ -186,7 +184,8 @@ def open_clip_text_from_state_dict(state_dict, source: str, quick_gelu: bool = F
     """Build an open_clip TextTransformer from the shapes of open_clip-format text weights and load them."""
     from open_clip.transformer import QuickGELU, TextTransformer
 
-    from ..loading import _assign_weights, _layer_count
+    from ..clip_loading import _layer_count
+    from ..state_dicts import assign_weights
 
     prefix = _open_clip_text_prefix(state_dict)
     if prefix is None:
@@ -214,7 +213,7 @@ def open_clip_text_from_state_dict(state_dict, source: str, quick_gelu: bool = F
                                  act_layer=QuickGELU if quick_gelu else torch.nn.GELU)
     if linear and not isinstance(module.text_projection, torch.nn.Linear):
         weights["text_projection"] = weights.pop("text_projection.weight").t()
-    _assign_weights(module, weights, "CLIP text encoder", source)
+    assign_weights(module, weights, "CLIP text encoder", source)
     desc = f"{source} ({prefix or 'open_clip '}text tower {width}w/{layers}L -> {out_dim})"
     log.info("CLIP text: %s, %s", desc, "QuickGELU" if quick_gelu else "GELU")
     return OpenCLIPTextTower(module.to(device=device, dtype=dtype), name=desc)
@@ -247,7 +246,8 @@ def load_text_tower(path_or_spec: Union[str, Path], device="cpu", dtype: torch.d
     or an SDXL diffusers folder. SD1.x checkpoints and diffusers-converted SD2.x files are errors
     that say what to load instead.
     """
-    from ..loading import _is_openai, load_state_dict_file, split_clip_spec
+    from ..clip_loading import _is_openai, split_clip_spec
+    from ..state_dicts import load_state_dict_file
 
     name, file = split_clip_spec(path_or_spec)
     path = Path(os.path.expanduser(file))
