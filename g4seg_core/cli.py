@@ -1,4 +1,4 @@
-"""`g4seg` command line: refine | selfcheck | bench | eval."""
+"""`g4seg` command line: refine | selfcheck | bench | eval | segment."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_argument
 from .config import G4SegConfig
 from .errors import G4SegError
 from .evaluation.cli import add_eval_parser
+from .segment_command import add_segment_parser
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     add_eval_parser(sub)
+    add_segment_parser(sub)
     return parser
 
 
