@@ -15,7 +15,6 @@ reproduces the paper's Table I chain (training-free segmenter -> + G4Seg) for an
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -72,7 +71,6 @@ def _device(args):
 
 def _tiny(args, why: str):
     from .tiny import tiny_text_to_mask
-    from .zeroshot import ZeroShotSegmenter
 
     print(RANDOM_BANNER, file=sys.stderr)
     features, tower = tiny_text_to_mask()
@@ -146,6 +144,7 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     import numpy as np
 
     from .mask_files import save_label_map_png, save_probability_png16
+    from .output_files import save_image
     from .visualize import label_overlay
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,23 +153,47 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     for name, prob in zip(file_names, result["probs"]):
         files[f"prob_{name}"] = out_dir / f"{stem}_{name}.png"
         save_probability_png16(np.clip(prob, 0, 1), files[f"prob_{name}"])
-    label_overlay(np.asarray(image), result["labels"], result["names"], title).save(files["overlay"], quality=92)
+    save_image(label_overlay(np.asarray(image), result["labels"], result["names"], title), files["overlay"],
+               format="JPEG", quality=92)
     return {k: str(v) for k, v in files.items()}
 
 
+def read_image(path: Path, convert_rgb: bool):
+    """uint8 RGB [H, W, 3] through the project's one image reader; non-RGB files need --convert-rgb."""
+    from .image_files import read_rgb
+
+    picture = read_rgb(path)
+    if picture.channels_converted and not convert_rgb:
+        raise G4SegError(f"{path} is {picture.source}, not RGB: pass --convert-rgb to convert it")
+    if picture.note:
+        print(f"note: {path.name}: {picture.note}", file=sys.stderr)
+    return picture.pixels
+
+
 def cmd_segment(args) -> int:
-    import numpy as np
     from tqdm import tqdm
 
-    from .cli import load_image
+    from .image_files import file_size_hw
+    from .output_files import prepare_output_dir
     from .zeroshot import ZeroShotSegmenter, parse_classes
 
+    # every check that needs no model first: settings, classes, image headers, the output folder
     config = segmenter_config(args)
     classes = parse_classes(args.classes, config.background)
     file_names = class_file_names(classes.classes)
     images = _images(Path(args.image))
+    folder_run = Path(args.image).is_dir()
     g4seg_config = config_from_args(args) if args.refine else None
-    out_dir = Path(args.out)
+    failures = []
+    for path in list(images):
+        try:
+            file_size_hw(path)
+        except G4SegError as exc:
+            if not folder_run:
+                raise
+            failures.append((path, str(exc)))
+            images.remove(path)
+    out_dir = prepare_output_dir(args.out)
     features, tower, models = load_models(args, config)
     segmenter = ZeroShotSegmenter(features, tower, config)
     pipe = None
@@ -185,33 +208,55 @@ def cmd_segment(args) -> int:
         print(f"note: {', '.join(classes.dropped_background)} listed as class(es), so not used as background",
               file=sys.stderr)
     for path in tqdm(images, desc="g4seg segment", unit="image"):
-        image = load_image(path, args.convert_rgb)
-        start = time.perf_counter()
-        result = segmenter.segment(image, classes)
-        outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
-                                                                 "names": result.names}, file_names, title)
-        report = {"image": str(path), "parameters": config.to_dict(), **models, **result.summary(),
-                  "outputs": outputs}
-        if random:
-            report["note"] = "random weights: these masks are meaningless (installation check only)"
-        if pipe is not None:
-            present = [k for k in range(1, len(classes.classes) + 1) if (result.labels == k).any()]
-            masks = {classes.classes[k - 1]: result.probs[k - 1] for k in present}
-            refined_probs = np.zeros_like(result.probs)
-            labels = np.zeros_like(result.labels)
-            if masks:
-                multi = pipe.refine_multiclass(image, masks, g4seg_config,
-                                               class_indices={classes.classes[k - 1]: k for k in present})
-                labels = multi.labels
-                for name, res in multi.results.items():
-                    refined_probs[classes.classes.index(name)] = res.prob
-            report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(masks),
-                                "outputs": write_segmentation(out_dir / "refined", path.stem, image,
-                                                              {"labels": labels, "probs": refined_probs,
-                                                               "names": result.names}, file_names,
-                                                              title or "G4Seg-refined")}
-        report["seconds"] = round(time.perf_counter() - start, 3)
-        (out_dir / f"{path.stem}_segment.json").write_text(json.dumps(report, indent=2))
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in result.summary()["label_fractions"].items() if v > 0)
+        try:
+            report = _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe,
+                                  g4seg_config, random)
+        except G4SegError as exc:  # one bad image does not stop a folder run
+            if not folder_run:
+                raise
+            failures.append((path, str(exc)))
+            tqdm.write(f"{path.name}: FAILED: {exc}")
+            continue
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in report["label_fractions"].items() if v > 0)
         tqdm.write(f"{path.name}: {shares} -> {out_dir}/{path.stem}*")
+    if failures:
+        print(f"g4seg segment: {len(failures)} of {len(failures) + len(images)} image(s) failed:", file=sys.stderr)
+        for path, why in failures:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe, g4seg_config, random):
+    import numpy as np
+
+    from .output_files import atomic_write_text
+
+    image = read_image(path, args.convert_rgb)
+    start = time.perf_counter()
+    result = segmenter.segment(image, classes)
+    outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
+                                                             "names": result.names}, file_names, title)
+    report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
+              "outputs": outputs}
+    if random:
+        report["note"] = "random weights: these masks are meaningless (installation check only)"
+    if pipe is not None:
+        present = [k for k in range(1, len(classes.classes) + 1) if (result.labels == k).any()]
+        masks = {classes.classes[k - 1]: result.probs[k - 1] for k in present}
+        refined_probs = np.zeros_like(result.probs)
+        labels = np.zeros_like(result.labels)
+        if masks:
+            multi = pipe.refine_multiclass(image, masks, g4seg_config,
+                                           class_indices={classes.classes[k - 1]: k for k in present})
+            labels = multi.labels
+            for name, res in multi.results.items():
+                refined_probs[classes.classes.index(name)] = res.prob
+        report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(masks),
+                            "outputs": write_segmentation(out_dir / "refined", path.stem, image,
+                                                          {"labels": labels, "probs": refined_probs,
+                                                           "names": result.names}, file_names,
+                                                          title or "G4Seg-refined")}
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    atomic_write_text(out_dir / f"{path.stem}_segment.json", json.dumps(report, indent=2))
+    return report

@@ -1,7 +1,6 @@
 """`g4seg segment`: files written, label map = the segmenter's, --refine, and `g4seg eval --coarse` reads the folder."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +60,10 @@ def test_segment_refine_and_errors(tmp_path):
         refined = load_label_map(out / "refined" / f"{stem}.png")
         assert refined.shape == load_label_map(out / f"{stem}.png").shape
         assert report["refine"]["refined_classes"]  # threshold 0: some class is present
+    (folder / "broken.png").write_bytes(b"not a picture")  # a folder run goes on past it, then exits 1
+    assert main(["segment", str(folder), "--classes", "cat", "--out", str(tmp_path / "o2"), *FAST]) == 1
+    assert (tmp_path / "o2" / "a.png").is_file() and (tmp_path / "o2" / "b.png").is_file()
+    assert main(["segment", str(folder / "broken.png"), "--classes", "cat", "--out", str(out), *FAST]) == 2
     assert main(["segment", str(folder), "--classes", " , ", "--out", str(out), *FAST]) == 2
     assert main(["segment", str(folder), "--classes", "cat, cat", "--out", str(out), *FAST]) == 2
     assert main(["segment", str(folder), "--classes", "cat", "--out", str(out), *FAST, "--stride", "500"]) == 2

@@ -8,7 +8,7 @@ SCLIP / NACLIP query as background on PASCAL VOC.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 from ..errors import G4SegError
 
