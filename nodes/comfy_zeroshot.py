@@ -116,8 +116,8 @@ def comfy_naclip_features(clip_vision, sigma: float = DEFAULT_SIGMA) -> DenseCLI
     emb = getattr(vision, "embeddings", None)
     layers = getattr(getattr(vision, "encoder", None), "layers", None)
     projection = getattr(outer, "visual_projection", None)
-    if emb is None or layers is None or getattr(emb, "class_embedding", None) is None or projection is None \
-            or getattr(vision, "output_layernorm", False):
+    if emb is None or layers is None or getattr(emb, "class_embedding", None) is None \
+            or getattr(projection, "weight", None) is None or getattr(vision, "output_layernorm", False):
         raise G4SegError("this CLIP_VISION model is not a CLIP ViT with a class token and a projection (SigLIP, "
                          "DINOv2 and others are not): load clip_vision_h.safetensors (SD2.x) or "
                          "clip_vision_g.safetensors (SDXL) with CLIPVisionLoader")
