@@ -166,7 +166,7 @@ class G4SegPipeline:
         prompt = config.prompt_for(label.strip())
         embedding = self.prompt_embedding(prompt)
         positions = find_token_positions(embedding.token_ids, self.components.label_token_ids(label.strip()),
-                                         label, prompt)
+                                         label, prompt, occurrences=config.prompt_template.count("{}"))
         return prompt, embedding, positions
 
     @torch.no_grad()

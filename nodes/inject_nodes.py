@@ -16,12 +16,14 @@ from .common import CATEGORY, class_name_or_error, mask_batch
 _D = G4SegConfig()
 
 
-def class_token_positions(clip, prompt: str, class_name: str) -> Tuple[dict, List[int]]:
-    """Tokenize with the CLIP object's own tokenizer(s); positions of the class name's tokens."""
+def class_token_positions(clip, prompt: str, class_name: str, occurrences: int = 1) -> Tuple[dict, List[int]]:
+    """Tokenize with the CLIP object's own tokenizer(s); positions of the class name's tokens
+    (every one of the template's `occurrences` '{}')."""
     tokens = clip.tokenize(prompt)
     label_tokens = clip.tokenize(class_name)
     empty_tokens = clip.tokenize("")
-    positions = attention_patch.label_positions_from_tokens(tokens, label_tokens, empty_tokens, class_name, prompt)
+    positions = attention_patch.label_positions_from_tokens(tokens, label_tokens, empty_tokens, class_name, prompt,
+                                                            occurrences=occurrences)
     return tokens, positions
 
 
@@ -48,7 +50,7 @@ def encode_prompt(clip, class_name, prompt_template):
     """(prompt, class token positions, CONDITIONING) for the class name in the template."""
     name = class_name_or_error(class_name)
     prompt = fill_prompt(prompt_template, name)
-    tokens, positions = class_token_positions(clip, prompt, name)
+    tokens, positions = class_token_positions(clip, prompt, name, occurrences=prompt_template.count("{}"))
     return prompt, positions, encode_tokens(clip, tokens)
 
 
