@@ -1,4 +1,4 @@
-"""`g4seg` command line: refine | selfcheck | bench | eval."""
+"""`g4seg` command line: refine | selfcheck | bench | eval | segment."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .config import G4SegConfig
 from .errors import G4SegError
 from .output_files import os_error_message
 from .evaluation.cli import add_eval_parser
+from .segment_command import add_segment_parser
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
@@ -86,17 +87,17 @@ def load_mask(path: Path, args):
 
 
 def check_pair(image_path: Path, mask_path: Path, args, config: G4SegConfig, quiet: bool = False):
-    """Read and check one pair as refine will (size, mask range, empty/full): (image, mask)."""
-    from .masks import validate_pair, validate_probability
+    """Read and check one pair as refine will (framing, mask range, empty/full): (image, mask)."""
+    from .masks import check_same_framing, validate_probability
     from .softening import prepare_coarse
 
     image = load_image(image_path, args.convert_rgb, quiet=quiet)
     mask = validate_probability(load_mask(mask_path, args), name=f"mask {mask_path}")
     try:
-        validate_pair(image.shape[:2], mask.shape)
+        check_same_framing(image.shape[:2], mask.shape)
     except G4SegError as exc:
         raise G4SegError(f"{image_path.name} / {mask_path.name}: {exc}") from None
-    prepare_coarse(mask, config.size, config.soften, config.soften_width)
+    prepare_coarse(mask, soften="none")  # the empty / full checks, without the softening work
     return image, mask
 
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     add_eval_parser(sub)
+    add_segment_parser(sub)
     return parser
 
 
