@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import DIRECTIONS, EMI_MODES, EMI_SCHEDULES, SOFTEN_MODES, G4SegConfig
+from .config import DIRECTIONS, DTYPE_CHOICES, EMI_MODES, EMI_SCHEDULES, SOFTEN_MODES, G4SegConfig
 from .errors import G4SegError, ModelNotFoundError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -45,7 +45,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help=f"binary threshold (default {d.threshold})")
     g.add_argument("--soften", choices=SOFTEN_MODES, help=f"binary-mask softening (default {d.soften})")
     g.add_argument("--soften-width", type=float, help=f"softening width, working-size px (default {d.soften_width})")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="model dtype (default float32)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="model dtype (default auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, else float32)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -80,22 +81,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_pipeline(args, config: G4SegConfig):
     from .pipeline import G4SegPipeline
+    from .precision import dtype_name
 
     if args.selfcheck:
         print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu"), "selfcheck (random weights)"
+        return G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype), "selfcheck (random weights)"
     try:
         pipe = G4SegPipeline.from_pretrained(args.checkpoint, clip=args.clip, comfyui_dir=args.comfyui_dir,
                                              family=args.family, device=args.device, dtype=config.dtype)
         files = ", ".join(str(f) for f in pipe.components.files)
-        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}", file=sys.stderr)
+        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}; "
+              f"{dtype_name(pipe.dtype)} ({pipe.dtype_reason})", file=sys.stderr)
         return pipe, "weights: " + files
     except ModelNotFoundError as exc:
         if not args.selfcheck_if_missing:
             raise
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
         print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu"), "selfcheck (random weights; no weights found)"
+        return (G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype),
+                "selfcheck (random weights; no weights found)")
 
 
 # ---- refine ---------------------------------------------------------------------------
@@ -170,6 +174,8 @@ def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
+    from .precision import dtype_name
+
     config = config_from_args(args)
     pairs = _pairs(Path(args.image), Path(args.mask))
     pipe, models = build_pipeline(args, config)
@@ -180,7 +186,8 @@ def cmd_refine(args) -> int:
         mask = load_mask(mask_path, args)
         result = pipe.refine(image, mask, args.label, config)
         extra = {"image": str(image_path), "mask": str(mask_path), "models": models,
-                 "clip": getattr(pipe.clip, "name", "clip")}
+                 "clip": getattr(pipe.clip, "name", "clip"), "dtype_used": dtype_name(pipe.dtype),
+                 "dtype_reason": pipe.dtype_reason}
         reports.append(write_outputs(out_dir, image_path.stem, image, result, extra))
         t = result.timings
         print(f"{image_path.name}: {result.summary()['changed_pixels']} pixels changed, "
@@ -238,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="per-stage time and memory on a full-size SD2.1-architecture model")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="default: float16 on a GPU, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="default auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, else float32")
+    p.add_argument("--reference", default="float32", choices=("float32", "none"),
+                   help="when the dtype is not float32, also run float32 on the same weights in the same run: "
+                        "time ratio per stage and agreement of the outputs (default float32; none skips it)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch", type=int, default=None,

@@ -16,6 +16,8 @@ EMI_MODES = ("additive", "densediffusion", "off")
 EMI_SCHEDULES = ("constant", "t5")
 DIRECTIONS = ("original_to_generated", "generated_to_original")
 SOFTEN_MODES = ("sdf", "blur", "none")
+# "auto": bfloat16 on CPUs with native bf16, float16 on CUDA, float32 elsewhere (precision.py)
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
 def fill_prompt(template: str, label: str) -> str:
@@ -58,7 +60,7 @@ class G4SegConfig:
     # Multi-class fusion: bg = (1 - max_c S_c) ** bg_power.
     bg_power: float = 1.0
     # Engine.
-    dtype: str = "float32"  # "float16" / "bfloat16" on GPUs
+    dtype: str = "auto"  # one of DTYPE_CHOICES; precision.resolve_dtype says what auto picks
     device: Optional[str] = None  # None: cuda if available, else cpu
 
     def __post_init__(self) -> None:
@@ -92,8 +94,7 @@ class G4SegConfig:
         need(0.0 < self.threshold < 1.0, f"threshold={self.threshold}: use a value strictly between 0 and 1")
         need(self.soften in SOFTEN_MODES, f"soften={self.soften!r}: choose one of {SOFTEN_MODES}")
         need(self.bg_power > 0, f"bg_power={self.bg_power}: use a number > 0")
-        need(self.dtype in ("float32", "float16", "bfloat16"),
-             f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
+        need(self.dtype in DTYPE_CHOICES, f"dtype={self.dtype!r}: choose one of {DTYPE_CHOICES}")
         return self
 
     def prompt_for(self, label: str) -> str:
