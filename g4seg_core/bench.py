@@ -45,13 +45,13 @@ def _timed(fn, repeats: int, sync, cpu_times=None):
 
 
 def _example_inputs(size: int):
-    from . import masks
+    from . import mask_files
 
     image_path, mask_path = EXAMPLES / "cat.png", EXAMPLES / "cat_coarse.png"
     if image_path.exists() and mask_path.exists():
         from PIL import Image
 
-        return np.asarray(Image.open(image_path).convert("RGB")), masks.load_probability(mask_path)
+        return np.asarray(Image.open(image_path).convert("RGB")), mask_files.load_probability(mask_path)
     rng = np.random.default_rng(0)
     mask = np.zeros((size, size), np.float32)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
@@ -109,8 +109,7 @@ def agreement(out, ref) -> dict:
     inter = np.logical_and(r.binary, q.binary).sum()
     union = np.logical_or(r.binary, q.binary).sum()
     cos = (out["clip"] * ref["clip"]).sum(dim=1)  # features are L2-normalised per location
-    gen_r = torch.from_numpy(np.asarray(r.generated, np.float32))
-    gen_q = torch.from_numpy(np.asarray(q.generated, np.float32))
+    gen_r, gen_q = torch.from_numpy(r.generated_pixels), torch.from_numpy(q.generated_pixels)
     return {
         "vae_encode_latent_rel_err": _relative_error(out["latent"], ref["latent"]),
         "unet_output_rel_err": _relative_error(out["unet_out"], ref["unet_out"]),
@@ -131,7 +130,7 @@ def bench_models():
     import open_clip
 
     from .clip_features import DenseCLIPFeatures
-    from .loading import random_components
+    from .components import random_components
 
     torch.manual_seed(0)
     components = random_components("sd21")
