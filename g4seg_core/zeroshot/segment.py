@@ -36,20 +36,26 @@ class ZeroShotConfig:
     from these fields (name, default, metadata help).
     """
 
-    short_side: int = field(default=336, metadata={"help": "image resized so its shorter side is this many px "
-                                                          "(0: keep the image size)"})
-    window: int = field(default=224, metadata={"help": "sliding-window side, px"})
-    stride: int = field(default=112, metadata={"help": "window step, px (windows overlap and are averaged)"})
-    logit_scale: float = field(default=40.0, metadata={"help": "softmax temperature: logits = scale x cosine"})
-    sigma: float = field(default=DEFAULT_SIGMA, metadata={"help": "neighbourhood width of the last block, patches"})
-    background: str = field(default="voc", metadata={"help": "background words: 'voc' (26 stuff words), 'none', "
-                                                             "or a comma-separated list"})
-    prob_threshold: float = field(default=0.1, metadata={"help": "pixels whose best class probability is below "
-                                                                 "this become background (0: off)"})
-    templates: str = field(default="imagenet80", metadata={"help": "'imagenet80' (the recipe: 80 templates "
-                                                                   "averaged) or 'single' (80x less text work)"})
-    window_batch: int = field(default=8, metadata={"help": "windows per vision-model call (memory vs speed; "
-                                                           "the result does not change)"})
+    short_side: int = field(default=336, metadata={
+        "help": "image resized so its shorter side is this many px (0: keep the image size)",
+        "min": 0, "max": 4096, "step": 16})
+    window: int = field(default=224, metadata={"help": "sliding-window side, px", "min": 32, "max": 1024, "step": 16})
+    stride: int = field(default=112, metadata={"help": "window step, px (windows overlap and are averaged)",
+                                               "min": 8, "max": 1024, "step": 8})
+    logit_scale: float = field(default=40.0, metadata={"help": "softmax temperature: logits = scale x cosine",
+                                                        "min": 1.0, "max": 200.0, "step": 1.0})
+    sigma: float = field(default=DEFAULT_SIGMA, metadata={"help": "neighbourhood width of the last block, patches",
+                                                          "min": 0.1, "max": 50.0, "step": 0.1})
+    background: str = field(default="voc", metadata={
+        "help": "background words: 'voc' (26 stuff words: sky, wall, tree, ...), 'none', or a comma-separated list"})
+    prob_threshold: float = field(default=0.1, metadata={
+        "help": "pixels whose best class probability is below this become background (0: off)",
+        "min": 0.0, "max": 1.0, "step": 0.01})
+    templates: str = field(default="imagenet80", metadata={
+        "help": "'imagenet80' (the recipe: 80 prompt templates averaged) or 'single' ('a photo of a {}.': 80x less "
+                "text-encoder work, for CPUs)", "choices": ("imagenet80", "single")})
+    window_batch: int = field(default=8, metadata={
+        "help": "windows per vision-model call (memory vs speed; the result does not change)", "min": 1, "max": 64})
 
     def __post_init__(self) -> None:
         for name in ("window", "stride", "window_batch"):
