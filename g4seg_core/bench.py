@@ -21,6 +21,7 @@ import torch
 
 from .config import G4SegConfig
 from .errors import G4SegError
+from .output_files import atomic_write_text
 from .precision import dtype_name, resolve_dtype
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -230,5 +231,5 @@ def run_bench(args) -> int:
         print(f"peak GPU memory: {main['peak_gpu_mib']:.0f} MiB one image"
               + (f", {numbers['peak_gpu_mib_batched']:.0f} MiB batch of {batch}" if batch else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=2))
+        atomic_write_text(args.json, json.dumps(numbers, indent=2))
     return 0

@@ -274,3 +274,11 @@ def test_config_files_with_wrong_types_are_one_line_errors(tmp_path, capsys, mod
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err
     assert model_loads == []
+
+
+def test_out_may_not_be_the_input_folder(tmp_path, capsys, model_loads):
+    images, masks = _folders(tmp_path, ("a",))
+    for out in (images, masks):
+        assert main(["refine", str(images), str(masks), "--label", "cat", "--out", str(out)] + FAST) == 2
+        assert "read as inputs" in capsys.readouterr().err
+    assert model_loads == [] and sorted(p.name for p in images.iterdir()) == ["a.png"]
