@@ -23,7 +23,8 @@ DIRECTIONS = ("original_to_generated", "generated_to_original")
 SOFTEN_MODES = ("sdf", "blur", "none")
 # Dense CLIP features for the correspondence: the CLIP's own last block, or NACLIP's (zeroshot.neighbourhood)
 CLIP_FEATURE_MODES = ("last_layer", "naclip")
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# "auto": bfloat16 on CPUs with native bf16, float16 on CUDA, float32 elsewhere (precision.py)
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
 def fill_prompt(template: str, label: str) -> str:
@@ -139,7 +140,8 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("bg_power", "float", 1.0, "Background channel (1 - max S)^p in the multi-class fusion.", min=0.0,
          rule=_positive_rule),
     # Engine.
-    Knob("dtype", "choice", "float32", "Model dtype (float16 / bfloat16 on GPUs).", choices=DTYPE_NAMES),
+    Knob("dtype", "choice", "auto", "Model dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, "
+         "else float32.", choices=DTYPE_CHOICES),
     Knob("device", "optional_str", None, "cpu, cuda, cuda:1 ... (default: cuda if available)."),
 )
 KNOB_BY_NAME: Dict[str, Knob] = {k.name: k for k in KNOBS}

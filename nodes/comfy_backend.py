@@ -21,6 +21,7 @@ from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, int
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
 from g4seg_core.injection import InjectionSettings, plain_attention
+from g4seg_core.precision import compute_dtype_for_storage
 
 from . import attention_patch
 
@@ -122,11 +123,14 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
     mean = getattr(clip_vision, "image_mean", None) or CLIP_MEAN
     std = getattr(clip_vision, "image_std", None) or CLIP_STD
     mm.load_model_gpu(clip_vision.patcher)
-    # fp32 inputs, as ComfyUI's own encode_image: the weights may be stored in fp16 (ComfyUI's CPU
-    # default) and its manual-cast layers compute in the input's dtype; fp16 on a CPU is very slow.
-    feats = DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
-                              compute_device=getattr(clip_vision, "load_device", None), compute_dtype=torch.float32)
-    return feats
+    # ComfyUI's manual-cast layers compute in the input's dtype. Its CPU default stores CLIP vision in
+    # fp16, which is very slow to compute in on a CPU: fp32 inputs then, as ComfyUI's own encode_image.
+    # Stored in bf16 (--bf16-text-enc) on a CPU with native bf16, or fp16/bf16 on a GPU: that dtype.
+    device = getattr(clip_vision, "load_device", None)
+    compute = compute_dtype_for_storage(getattr(clip_vision, "dtype", torch.float32),
+                                        device if device is not None else next(outer.parameters()).device)
+    return DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
+                             compute_device=device, compute_dtype=compute)
 
 
 def sample_one_step(model, positive, negative, samples: torch.Tensor, noise: torch.Tensor, timestep: int,
