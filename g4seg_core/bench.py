@@ -20,7 +20,7 @@ import torch
 from .config import G4SegConfig
 from .errors import G4SegError
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets"
 
 
 def _peak_rss_mib() -> float:

@@ -143,7 +143,7 @@ def _run(server, prompt, timeout=900):
 
 
 def _load(name):
-    with open(os.path.join(ROOT, "workflows", name)) as f:
+    with open(os.path.join(ROOT, "example_workflows", name)) as f:
         return json.load(f)
 
 
@@ -191,7 +191,7 @@ def test_pack_loads_and_nodes_listed(server):
     assert "IMPORT FAILED" not in log or "ComfyUI-G4Seg" not in log.split("IMPORT FAILED")[1][:300]
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json")))
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "example_workflows")) if f.endswith(".json")))
 def test_workflow_validates_against_object_info(server, name):
     wf = _load(name)
     errors = validate_workflow(wf, server["info"])
