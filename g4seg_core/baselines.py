@@ -3,7 +3,7 @@
 ``Refiner = Callable[[image, prob, label], prob]``: ``image`` uint8 ``[H, W, 3]`` RGB,
 ``prob`` float32 ``[H, W]`` foreground probability of one class, ``label`` the class
 name; returns the refined float32 ``[H, W]`` probability. Multi-class maps are refined
-one class at a time against everything else and fused afterwards (masks.fuse_multiclass).
+one class at a time against everything else and fused afterwards (label_maps.fuse_multiclass).
 
 Names understood by ``make_refiner``:
 - ``none``        identity (the coarse input; the "before" numbers)

@@ -38,13 +38,13 @@ def _timed(fn, repeats: int, sync):
 
 
 def _example_inputs(size: int):
-    from . import masks
+    from . import mask_files
 
     image_path, mask_path = EXAMPLES / "cat.png", EXAMPLES / "cat_coarse.png"
     if image_path.exists() and mask_path.exists():
         from PIL import Image
 
-        return np.asarray(Image.open(image_path).convert("RGB")), masks.load_probability(mask_path)
+        return np.asarray(Image.open(image_path).convert("RGB")), mask_files.load_probability(mask_path)
     rng = np.random.default_rng(0)
     mask = np.zeros((size, size), np.float32)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
@@ -56,7 +56,7 @@ def run_bench(args) -> int:
 
     from .clip_features import DenseCLIPFeatures
     from .correspondence import match_upsampled_features
-    from .loading import random_components
+    from .components import random_components
     from .pipeline import G4SegPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

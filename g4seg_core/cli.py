@@ -10,92 +10,14 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import DIRECTIONS, EMI_MODES, EMI_SCHEDULES, SOFTEN_MODES, G4SegConfig
-from .errors import G4SegError, ModelNotFoundError
+from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args
+from .config import G4SegConfig
+from .errors import G4SegError
+from .evaluation.cli import add_eval_parser
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
-RANDOM_BANNER = ("=" * 78 + "\n  RANDOM WEIGHTS: tiny random-weight models built from config.\n"
-                 "  This checks the installation, not the result: the masks it writes are meaningless.\n"
-                 "  Point at real weights with --checkpoint/--clip, G4SEG_CHECKPOINT/G4SEG_CLIP or a ComfyUI install.\n"
-                 + "=" * 78)
 
-
-# ---- parameters shared by refine and eval ------------------------------------------------
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    d = G4SegConfig()
-    g = parser.add_argument_group("G4Seg parameters (defaults: the paper's; see README)")
-    g.add_argument("--config", help="JSON file of G4SegConfig values; flags below override it")
-    g.add_argument("--size", type=int, help=f"working resolution (default {d.size})")
-    g.add_argument("--timestep", type=int, help=f"noise step t (default {d.timestep})")
-    g.add_argument("--seed", type=int, help=f"noise seed (default {d.seed})")
-    g.add_argument("--prompt-template", help=f"prompt with {{}} for the class (default {d.prompt_template!r})")
-    g.add_argument("--emi-mode", choices=EMI_MODES, help=f"mask injection mode (default {d.emi_mode})")
-    g.add_argument("--cross-weight", type=float, help=f"cross-attention injection weight (default {d.cross_weight})")
-    g.add_argument("--self-weight", type=float, help=f"self-attention injection weight (default {d.self_weight})")
-    g.add_argument("--emi-schedule", choices=EMI_SCHEDULES, help=f"weight schedule (default {d.emi_schedule})")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1 = off)")
-    g.add_argument("--grid", dest="correspondence_grid", type=int,
-                   help=f"correspondence grid, 0 = CLIP's own (default {d.correspondence_grid})")
-    g.add_argument("--direction", choices=DIRECTIONS, help=f"correspondence direction (default {d.direction})")
-    g.add_argument("--beta", type=float, help=f"mixing coefficient (default {d.beta}; 0.9 for WSSS)")
-    g.add_argument("--band", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help=f"coarse-filtering band (default {d.band[0]} {d.band[1]})")
-    g.add_argument("--iterations", type=int, help=f"mixing iterations (default {d.iterations})")
-    g.add_argument("--threshold", type=float, help=f"binary threshold (default {d.threshold})")
-    g.add_argument("--soften", choices=SOFTEN_MODES, help=f"binary-mask softening (default {d.soften})")
-    g.add_argument("--soften-width", type=float, help=f"softening width, working-size px (default {d.soften_width})")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="model dtype (default float32)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-
-
-def config_from_args(args) -> G4SegConfig:
-    values = {}
-    if getattr(args, "config", None):
-        try:
-            values.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise G4SegError(f"cannot read --config {args.config}: {exc}") from exc
-    for name in G4SegConfig.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-    return G4SegConfig.from_dict(values)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("models (never downloaded)")
-    g.add_argument("--checkpoint", help="SD checkpoint: single .safetensors/.ckpt or a diffusers folder "
-                                        "(else $G4SEG_CHECKPOINT, else ComfyUI models/checkpoints)")
-    g.add_argument("--clip", help="CLIP image encoder: a models/clip_vision file, open_clip weights, or "
-                                  "'ViT-B-16:/path/weights.bin' (else $G4SEG_CLIP, else ComfyUI models/clip_vision)")
-    g.add_argument("--comfyui-dir", help="a ComfyUI install whose models/ folders are searched (else $COMFYUI_PATH)")
-    g.add_argument("--family", choices=("sd15", "sd21", "sd21v", "sdxl"),
-                   help="model family when it cannot be read from the file (SD2.1-768 v-prediction: sd21v)")
-    g.add_argument("--selfcheck", action="store_true",
-                   help="use tiny random-weight models: checks the installation, not the result")
-    g.add_argument("--selfcheck-if-missing", action="store_true",
-                   help="use real weights when found, else the tiny random-weight self-check (said loudly)")
-
-
-def build_pipeline(args, config: G4SegConfig):
-    from .pipeline import G4SegPipeline
-
-    if args.selfcheck:
-        print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu"), "selfcheck (random weights)"
-    try:
-        pipe = G4SegPipeline.from_pretrained(args.checkpoint, clip=args.clip, comfyui_dir=args.comfyui_dir,
-                                             family=args.family, device=args.device, dtype=config.dtype)
-        files = ", ".join(str(f) for f in pipe.components.files)
-        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}", file=sys.stderr)
-        return pipe, "weights: " + files
-    except ModelNotFoundError as exc:
-        if not args.selfcheck_if_missing:
-            raise
-        print(f"no weights found:\n{exc}\n", file=sys.stderr)
-        print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu"), "selfcheck (random weights; no weights found)"
 
 
 # ---- refine ---------------------------------------------------------------------------
@@ -136,25 +58,26 @@ def load_image(path: Path, convert_rgb: bool):
 
 
 def load_mask(path: Path, args):
-    from . import masks
+    from .label_maps import class_probability_from_label_map
+    from .mask_files import load_label_map, load_probability
 
     if args.mask_class is not None:  # a VOC name or index; resolved by class_probability_from_label_map
-        return masks.class_probability_from_label_map(masks.load_label_map(path), args.mask_class)
-    return masks.load_probability(path)
+        return class_probability_from_label_map(load_label_map(path), args.mask_class)
+    return load_probability(path)
 
 
 def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
     import numpy as np
 
-    from . import masks
+    from .mask_files import save_binary_png, save_probability_png16
     from .visualize import before_after
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"refined_prob": out_dir / f"{stem}_refined_prob.png", "refined_mask": out_dir / f"{stem}_refined_mask.png",
              "overlay": out_dir / f"{stem}_overlay.png", "generated": out_dir / f"{stem}_generated.png",
              "report": out_dir / f"{stem}_g4seg.json"}
-    masks.save_probability_png16(result.prob, files["refined_prob"])
-    masks.save_binary_png(result.binary, files["refined_mask"])
+    save_probability_png16(result.prob, files["refined_prob"])
+    save_binary_png(result.binary, files["refined_mask"])
     # a picture travels without its JSON: say on it when the models were random
     title = "refined (G4Seg, RANDOM WEIGHTS: not a real result)" if extra.get("models", "").startswith("selfcheck") \
         else "refined (G4Seg)"
@@ -248,12 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_bench)
 
-    try:
-        from .evaluation.cli import add_eval_parser
-    except ImportError:
-        add_eval_parser = None
-    if add_eval_parser is not None:
-        add_eval_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -189,7 +189,7 @@ def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[
 def find_clip_vision(explicit: Union[str, Path, None] = None,
                      comfyui_dir: Union[str, Path, None] = None) -> Union[Path, str]:
     """CLIP image encoder weights: a path, or an 'open_clip-name:path' string kept as given."""
-    from .loading import split_clip_spec
+    from .clip_loading import split_clip_spec
 
     def resolve(value, flag):
         name, file = split_clip_spec(value)

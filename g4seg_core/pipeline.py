@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import masks as mask_ops
+from .label_maps import fuse_multiclass
+from .softening import prepare_coarse
 from .config import G4SegConfig
 from .diffusers_patch import InjectionState, injected
 from .errors import G4SegError
@@ -103,7 +105,8 @@ class G4SegPipeline:
     def from_pretrained(cls, checkpoint=None, clip=None, comfyui_dir=None, family=None,
                         device=None, dtype="float32") -> "G4SegPipeline":
         """Load from files on disk (never downloads); see model_files for the search order."""
-        from .loading import load_clip_vision, load_sd_components
+        from .clip_loading import load_clip_vision
+        from .sd_loading import load_sd_components
         from .model_files import find_checkpoint, find_clip_vision
 
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -241,7 +244,7 @@ class G4SegPipeline:
         prob = mask_ops.validate_probability(np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor)
                                                         else mask, dtype=np.float32), name="mask")
         mask_ops.validate_pair(tuple(size_hw), prob.shape)
-        return mask_ops.prepare_coarse(prob, config.size, config.soften, config.soften_width)
+        return prepare_coarse(prob, config.size, config.soften, config.soften_width)
 
     def refine(self, image, mask, label: str, config: Optional[G4SegConfig] = None,
                context: Optional[ImageContext] = None) -> RefineResult:
@@ -326,7 +329,7 @@ class G4SegPipeline:
             raise G4SegError(f"no class index given for {missing}")
         context = self.prepare_image(image, config)
         results = {name: self.refine(image, m, name, config, context=context) for name, m in class_masks.items()}
-        fused = mask_ops.fuse_multiclass({indices[n]: r.prob for n, r in results.items()}, bg_power=config.bg_power)
+        fused = fuse_multiclass({indices[n]: r.prob for n, r in results.items()}, bg_power=config.bg_power)
         return MultiRefineResult(labels=fused, class_indices=indices, results=results)
 
 

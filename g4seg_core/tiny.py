@@ -30,7 +30,7 @@ def tiny_configs(family: str = "sd21") -> dict:
 
     Also what tests pass as `configs=` to load tiny single-file checkpoints.
     """
-    from .loading import normalize_family
+    from .families import normalize_family
 
     family = normalize_family(family)
     sdxl = family == "sdxl"
@@ -72,7 +72,8 @@ def tiny_sd_components(family: str = "sd21", prediction_type: Optional[str] = No
     family "sd21" with prediction_type "v_prediction" becomes "sd21v". The global torch RNG is
     left untouched.
     """
-    from .loading import components_from_configs, normalize_family
+    from .components import components_from_configs
+    from .families import normalize_family
 
     family = normalize_family(family)
     if family == "sd21v":  # the family names the v-model; it wins over a default "epsilon" passed along

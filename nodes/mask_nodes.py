@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from g4seg_core import label_maps, mask_files, softening
 from g4seg_core import masks as core_masks
 from g4seg_core import palettes as core_palettes
 from g4seg_core.config import SOFTEN_MODES, G4SegConfig
@@ -76,14 +77,14 @@ def load_mask_file(path: str, mask_kind: str, class_choice: str) -> Tuple[np.nda
     label = mask_kind == "label_map" or (mask_kind == "auto" and looks_like_label_map(path))
     if label:
         cls = parse_class_choice(class_choice)
-        labels = core_masks.load_label_map(path)
-        prob = core_masks.class_probability_from_label_map(labels, cls)
+        labels = mask_files.load_label_map(path)
+        prob = label_maps.class_probability_from_label_map(labels, cls)
         return prob, f"label map, class {cls!r}"
-    return core_masks.load_probability(path), "probability map"
+    return mask_files.load_probability(path), "probability map"
 
 
 def soften(prob: np.ndarray, mode: str, width: float) -> Tuple[torch.Tensor, str]:
-    soft, desc = core_masks.soften_binary(prob, mode=mode, width=float(width))
+    soft, desc = softening.soften_binary(prob, mode=mode, width=float(width))
     return torch.from_numpy(np.ascontiguousarray(soft, dtype=np.float32)), desc
 
 

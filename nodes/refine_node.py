@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from g4seg_core import masks as core_masks
+from g4seg_core.softening import prepare_coarse
 from g4seg_core.config import DIRECTIONS, EMI_MODES, EMI_SCHEDULES, SOFTEN_MODES, G4SegConfig
 from g4seg_core.errors import G4SegError
 from g4seg_core.mixing import update_from_features
@@ -82,7 +83,7 @@ def refine(model, clip, vae, clip_vision, image, mask, class_name, timestep, see
         img = pick(images, i)
         # Same preparation as the core pipeline: validate, soften a binary mask at the mask's own
         # resolution (width in working-size pixels), inject a working-size copy, mix at mask size.
-        soft_np, _ = core_masks.prepare_coarse(pick(masks, i).cpu().numpy(), max(work_hw), soften,
+        soft_np, _ = prepare_coarse(pick(masks, i).cpu().numpy(), max(work_hw), soften,
                                                float(soften_width))
         soft = torch.from_numpy(np.ascontiguousarray(soft_np, dtype=np.float32))
         work_prob = torch.from_numpy(np.ascontiguousarray(

@@ -100,3 +100,28 @@ def test_bench_refuses_half_precision_on_cpu_before_building(capsys):
     assert "--dtype float32" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--batch", "-1"]) == 2
     assert "--batch -1" in capsys.readouterr().err
+
+
+def test_a_broken_eval_module_is_loud_not_a_missing_subcommand(monkeypatch):
+    """`g4seg` imports the eval sub-command directly: a broken import fails instead of hiding `eval`."""
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "g4seg_core.evaluation.cli", None)  # import now raises ImportError
+    monkeypatch.delitem(sys.modules, "g4seg_core.cli", raising=False)
+    with pytest.raises(ImportError):
+        importlib.import_module("g4seg_core.cli")
+    monkeypatch.undo()
+    importlib.import_module("g4seg_core.cli")
+
+
+def test_eval_cli_does_not_import_the_main_cli():
+    """No import circle: g4seg_core/evaluation/cli.py takes shared options from cli_options, not cli."""
+    import ast
+    from pathlib import Path
+
+    import g4seg_core.evaluation.cli as eval_cli
+
+    tree = ast.parse(Path(eval_cli.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "cli" not in imported and "g4seg_core.cli" not in imported

@@ -200,7 +200,7 @@ def test_explicit_shards_in_process(voc, tmp_path):
 
 
 def test_coarse_folders_label_maps_and_class_probabilities(voc, tmp_path):
-    from g4seg_core.masks import save_probability_png16
+    from g4seg_core.mask_files import save_probability_png16
     from g4seg_core.perturb import make_coarse
 
     ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
@@ -260,7 +260,7 @@ def _has_crf():
 
 def test_g4seg_method_code_path_with_a_stub_pipeline(voc, tmp_path, monkeypatch):
     """The g4seg / g4seg+X wiring (config passed through, .prob used), without models."""
-    import g4seg_core.cli as core_cli
+    import g4seg_core.cli_options as cli_options
     from g4seg_core.metrics import grey_dilate_disk
 
     seen = []
@@ -277,7 +277,7 @@ def test_g4seg_method_code_path_with_a_stub_pipeline(voc, tmp_path, monkeypatch)
             seen.append((image.shape, mask.shape, label, config.beta))
             return Result(grey_dilate_disk(mask, 1))
 
-    monkeypatch.setattr(core_cli, "build_pipeline", lambda args, config: (StubPipeline(), "stub"))
+    monkeypatch.setattr(cli_options, "build_pipeline", lambda args, config: (StubPipeline(), "stub"))
     out = tmp_path / "stub"
     assert run(voc, "--split", "val", "--protocol", "erode-2", "--methods", "none,g4seg,g4seg+morphology",
                "--beta", "0.9", "--out", out) == 0

@@ -12,10 +12,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ldm_format import components_to_ldm, write_checkpoint  # noqa: E402
 
 from g4seg_core.errors import G4SegError  # noqa: E402
-from g4seg_core.loading import (FAMILIES, SDComponents, _assign_weights, components_from_configs,  # noqa: E402
-                                convert_ldm_checkpoint, detect_family, family_configs, load_clip_vision,
-                                load_sd_components, save_diffusers_folder, scheduler_alphas_cumprod,
-                                split_clip_spec)
+from g4seg_core.clip_loading import load_clip_vision, split_clip_spec  # noqa: E402
+from g4seg_core.components import SDComponents, components_from_configs  # noqa: E402
+from g4seg_core.conversion import convert_ldm_checkpoint  # noqa: E402
+from g4seg_core.detection import detect_family  # noqa: E402
+from g4seg_core.families import FAMILIES, family_configs, scheduler_alphas_cumprod  # noqa: E402
+from g4seg_core.sd_loading import load_sd_components, save_diffusers_folder  # noqa: E402
+from g4seg_core.state_dicts import assign_weights  # noqa: E402
 from g4seg_core.tiny import tiny_clip_features, tiny_configs, tiny_sd_components  # noqa: E402
 from g4seg_core.tokenizer import G4SegTokenizer  # noqa: E402
 
@@ -83,10 +86,10 @@ def test_shipped_configs_match_ldm_layout(family):
     assert detect_family(state_dict) == ("sd21" if family == "sd21v" else family)
     dst = components_from_configs(family_configs(family), family, empty=True)
     converted = convert_ldm_checkpoint(state_dict, family, dst)
-    _assign_weights(dst.unet, converted["unet"], "UNet", family)
-    _assign_weights(dst.vae, converted["vae"], "VAE", family)
+    assign_weights(dst.unet, converted["unet"], "UNet", family)
+    assign_weights(dst.vae, converted["vae"], "VAE", family)
     for encoder, weights in zip(dst.text_encoders, converted["text_encoders"]):
-        _assign_weights(encoder, weights, "text", family)
+        assign_weights(encoder, weights, "text", family)
 
 
 # ----------------------------------------------------------------------------- components
@@ -195,7 +198,7 @@ def test_sd2_prediction_type(tmp_path):
 
 
 def test_sd2_weight_statistic_detects_v():
-    from g4seg_core.loading import detect_prediction_type
+    from g4seg_core.detection import detect_prediction_type
 
     key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
     g = torch.Generator().manual_seed(0)
@@ -278,7 +281,7 @@ def test_family_argument_checked_first(tmp_path):
 
 
 def test_bad_family_names():
-    from g4seg_core.loading import normalize_family
+    from g4seg_core.families import normalize_family
 
     assert normalize_family("SD1.5") == "sd15" and normalize_family("sd2") == "sd21"
     assert normalize_family("SDXL") == "sdxl" and normalize_family("sd21v") == "sd21v"

@@ -73,7 +73,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--merge-wait", type=float,
                    help="shard 0 waits up to this many seconds for the other shards, then merges "
                         "(default: 86400 under torchrun/accelerate, 0 with explicit --shard-index)")
-    from ..cli import add_config_arguments, add_model_arguments
+    from ..cli_options import add_config_arguments, add_model_arguments
 
     add_config_arguments(p)
     add_model_arguments(p)
@@ -152,7 +152,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _save_label_map(path: Path, labels) -> None:
-    from ..masks import save_label_map_png
+    from ..mask_files import save_label_map_png
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.png")
@@ -223,7 +223,7 @@ def run_eval(args) -> int:
         raise G4SegError("give an output folder with --out")
     from ..baselines import make_refiner, needs_crf, needs_pipeline
     from .report import pred_path
-    from ..cli import build_pipeline, config_from_args
+    from ..cli_options import build_pipeline, config_from_args
     from .datasets import VOCStyleDataset, read_class_names
 
     index, count, from_env = resolve_shard(args)

@@ -67,15 +67,15 @@ def load_rgb(path: Path) -> np.ndarray:
 
 def load_labels(path: Path) -> np.ndarray:
     """A label map as uint8/int [H, W] (palette indices, grey values, or .npy)."""
-    from .. import masks
+    from .. import mask_files
 
-    return np.asarray(masks.load_label_map(str(path)))
+    return np.asarray(mask_files.load_label_map(str(path)))
 
 
 def load_prob(path: Path) -> np.ndarray:
-    from .. import masks
+    from .. import mask_files
 
-    return np.asarray(masks.load_probability(str(path)), dtype=np.float32)
+    return np.asarray(mask_files.load_probability(str(path)), dtype=np.float32)
 
 
 def resize_prob(prob: np.ndarray, size_hw) -> np.ndarray:

@@ -42,7 +42,7 @@ PAPER_TABLE_VII = {"g4seg": {"0-40": 0.2, "40-80": 1.9, "80-100": 1.1},
 def fuse(probs: Mapping[int, np.ndarray], shape, bg_power: float) -> np.ndarray:
     if not probs:
         return np.zeros(shape, dtype=np.uint8)
-    from ..masks import fuse_multiclass
+    from ..label_maps import fuse_multiclass
 
     return np.asarray(fuse_multiclass(dict(probs), bg_power=bg_power))
 

@@ -1,0 +1,73 @@
+"""Label maps <-> per-class probability maps: picking one class, fusing several (CLIP-ES convention)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Union
+
+import numpy as np
+
+from .errors import G4SegError
+from .masks import as_numpy, validate_probability
+IGNORE_INDEX = 255
+
+
+def fuse_multiclass(probs: Mapping[int, np.ndarray], bg_power: float = 1.0) -> np.ndarray:
+    """Fuse per-class maps into a label map (SPEC "Inputs and output", CLIP-ES convention).
+
+    ``probs`` maps class index (1..254) -> probability [H, W]. The background channel is
+    ``bg = (1 - max_c S_c) ** bg_power``; each pixel gets the argmax over
+    [bg, S_c1, S_c2, ...] (background = index 0; ties go to the earlier channel, i.e.
+    background first, then classes in ascending index). Returns uint8 [H, W].
+    """
+    if not probs:
+        raise G4SegError("fuse_multiclass got no class maps; pass {class_index: probability map}")
+    bg_power = float(bg_power)
+    if not (math.isfinite(bg_power) and bg_power > 0):
+        raise G4SegError(f"bg_power={bg_power}: use a number > 0 (default 1)")
+    classes = []
+    maps = []
+    shape = None
+    for cls in sorted(probs, key=lambda c: int(c)):
+        if isinstance(cls, (bool, np.bool_)) or not isinstance(cls, (int, np.integer)):
+            raise G4SegError(f"class key {cls!r}: use integer class indices (e.g. VOC cat = 8)")
+        c = int(cls)
+        if not 1 <= c <= 254:
+            raise G4SegError(f"class index {c}: use 1..254 (0 is background, 255 is ignore)")
+        m = validate_probability(probs[cls], name=f"class {c} map")
+        if shape is None:
+            shape = m.shape
+        elif m.shape != shape:
+            raise G4SegError(f"class {c} map is {m.shape[1]}x{m.shape[0]} but class {classes[0]} "
+                             f"map is {shape[1]}x{shape[0]} (width x height); resize them to the "
+                             f"same size first")
+        classes.append(c)
+        maps.append(m)
+    stack = np.stack(maps)  # [C, H, W]
+    bg = (1.0 - stack.max(axis=0)) ** bg_power
+    winner = np.argmax(np.concatenate([bg[None], stack]), axis=0)
+    lut = np.array([0] + classes, dtype=np.uint8)
+    return lut[winner]
+
+
+def class_probability_from_label_map(labels, class_index: Union[int, str]) -> np.ndarray:
+    """Binary float32 map (1 where ``labels == class_index``) from a label map.
+
+    ``class_index`` is an index or a VOC class name. Ignore pixels (255) count as 0 (not
+    this class): they are usually object borders or unlabelled pixels, and refinement
+    decides them from the image. Asking for class 255 itself is an error.
+    """
+    from .palettes import voc_class_index
+
+    arr = as_numpy(labels)
+    if arr.ndim != 2:
+        raise G4SegError(f"label map has shape {tuple(arr.shape)}; a single [H, W] map is needed")
+    if isinstance(class_index, str):
+        idx = voc_class_index(class_index)
+    else:
+        idx = int(class_index)
+    if idx == IGNORE_INDEX:
+        raise G4SegError("class 255 is the 'ignore' label, not a class; pick a class index 0..254")
+    if not 0 <= idx <= 254:
+        raise G4SegError(f"class index {idx}: use 0..254")
+    return (arr == idx).astype(np.float32)
