@@ -320,3 +320,18 @@ def test_workflow_says_what_to_upload_and_pick(path):
         if node["type"] in LOADERS:
             name = node["widgets_values"][0]
             assert name in text, f"the Note does not say which file {node['type']} wants ({name})"
+
+
+def test_upload_button_is_the_last_widget_under_every_frontend():
+    """The page adds an upload button for an `image_upload` combo at the end of the widgets: frontend 1.35 after
+    all inputs (input_order: required, then optional), older frontends after the required ones. Old frontends
+    saved its value. With no optional widget on an upload node, both places are the same (last), so saved
+    values keep their positions under any frontend: append new widgets of such nodes to `required`."""
+    from nodes import NODE_CLASS_MAPPINGS
+
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        declared = cls.INPUT_TYPES()
+        if not any(_opts(s).get("image_upload") for s in declared["required"].values()):
+            continue
+        optional_widgets = [n for n, s in declared.get("optional", {}).items() if _type_of(s) in WIDGET_TYPES]
+        assert not optional_widgets, f"{node_id}: optional widgets {optional_widgets} would sit around the upload button"
