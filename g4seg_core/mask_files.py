@@ -1,5 +1,7 @@
 """Mask, probability and label-map files: reading (PNG 8/16-bit, float images, .npy) and writing.
 
+Files are opened by image_files (the one reader) and written atomically (output_files).
+
 A label map is uint8 [H, W] holding class indices, 255 = ignore.
 """
 
@@ -9,41 +11,25 @@ import os
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import G4SegError
+from .image_files import load_npy, open_image
 from .masks import as_numpy, validate_probability
+from .output_files import save_image
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+_MASK_HINT = "save the mask as a PNG (8- or 16-bit grayscale) or a .npy float array"
+
+
 def _open_image(path: PathLike) -> Image.Image:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise G4SegError(f"mask file not found: {path!r}; check the path (relative paths are "
-                         f"taken from the current directory {os.getcwd()!r})")
-    if os.path.isdir(path):
-        raise G4SegError(f"{path!r} is a folder, not an image file; give the path of a PNG mask")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise G4SegError(f"cannot read {path!r} as an image ({exc}); save the mask as a PNG "
-                         f"(8- or 16-bit grayscale) or a .npy float array") from exc
-    return img
+    return open_image(path, what="mask", hint=_MASK_HINT)
 
 
 def _load_npy(path: PathLike) -> np.ndarray:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise G4SegError(f"mask file not found: {path!r}; check the path")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise G4SegError(f"cannot read {path!r} as a .npy array ({exc}); save it with "
-                         f"numpy.save(path, array) (no pickled objects)") from exc
-    if not isinstance(arr, np.ndarray):  # .npz
-        raise G4SegError(f"{path!r} holds several arrays (.npz); save one [H, W] array with numpy.save")
-    return arr
+    return load_npy(path, what="mask")
 
 
 def load_probability(path: PathLike) -> np.ndarray:
@@ -107,20 +93,12 @@ def _from_integer(arr: np.ndarray, full_scale: float) -> np.ndarray:
     return (arr.astype(np.float64) / full_scale).astype(np.float32)
 
 
-def _prepare_dir(path: PathLike) -> str:
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    return path
-
-
 def save_probability_png16(prob, path: PathLike) -> str:
     """Save a probability map as a 16-bit grayscale PNG (value = round(p * 65535))."""
     arr = validate_probability(prob, name="probability map")
     out = np.round(arr.astype(np.float64) * 65535.0).astype(np.uint16)
-    path = _prepare_dir(path)
-    Image.fromarray(out).save(path, format="PNG")
-    return path
+    save_image(Image.fromarray(out), path)
+    return os.fspath(path)
 
 
 def save_binary_png(mask, path: PathLike, threshold: float = 0.5) -> str:
@@ -130,9 +108,8 @@ def save_binary_png(mask, path: PathLike, threshold: float = 0.5) -> str:
         arr = validate_probability(arr, name="mask") >= float(threshold)
     elif arr.ndim != 2:
         raise G4SegError(f"mask has shape {tuple(arr.shape)}; a single [H, W] map is needed")
-    path = _prepare_dir(path)
-    Image.fromarray(arr.astype(np.uint8) * 255).save(path, format="PNG")
-    return path
+    save_image(Image.fromarray(arr.astype(np.uint8) * 255), path)
+    return os.fspath(path)
 
 
 def load_label_map(path: PathLike) -> np.ndarray:
@@ -203,6 +180,5 @@ def save_label_map_png(labels, path: PathLike) -> str:
     arr = _check_labels(arr, "labels")
     img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
     img.putpalette(voc_palette().reshape(-1).tolist())
-    path = _prepare_dir(path)
-    img.save(path, format="PNG")
-    return path
+    save_image(img, path)
+    return os.fspath(path)

@@ -355,3 +355,86 @@ def test_g4seg_refiner_shares_image_work_and_passes_empty_maps():
     assert calls["refine"] == 2                             # empty map: nothing to refine
     a(img.copy(), m, "cat")                                  # a new image: new context
     assert calls == {"prepare": 2, "refine": 3}
+
+
+# ----------------------------------------------------------------------------- bad input (issue 12)
+
+def test_eval_goes_on_past_bad_images_lists_them_and_resumes(tmp_path, capsys):
+    voc = make_voc(tmp_path / "voc")
+    full = tmp_path / "full"
+    assert run(voc, *BASE, "--out", full) == 0
+    jpg = voc / "JPEGImages" / "2007_000001.jpg"
+    good_jpg = jpg.read_bytes()
+    jpg.write_bytes(good_jpg[: len(good_jpg) // 2])  # truncated
+    gt = voc / "SegmentationClass" / "2007_000003.png"
+    good_gt = gt.read_bytes()
+    Image.new("P", (10, 10)).save(gt)  # wrong size: found by the header check, before any model
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run(voc, *BASE, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "2 image(s) failed" in err and "2007_000001" in err and "2007_000003" in err
+    assert "Traceback" not in err
+    summary = load_summary(out)
+    assert [f["id"] for f in summary["failures"]] == ["2007_000001", "2007_000003"]
+    assert "10x10" in summary["failures"][1]["error"]
+    assert summary["methods"]["none"]["num_images"] == 2
+    assert "Failed images (2)" in (out / "report.html").read_text()
+    # fixed files: the rerun evaluates just those two and the totals equal a clean run
+    jpg.write_bytes(good_jpg)
+    gt.write_bytes(good_gt)
+    assert run(voc, *BASE, "--out", out) == 0
+    assert "resuming: 2 of 4" in capsys.readouterr().err
+    assert load_summary(out)["failures"] == []
+    assert records(out) == records(full)
+
+
+def test_eval_resume_drops_and_redoes_damaged_lines(voc, tmp_path, capsys):
+    full = tmp_path / "full"
+    assert run(voc, *BASE, "--out", full) == 0
+    out = tmp_path / "out"
+    assert run(voc, *BASE, "--out", out) == 0
+    lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    recs = [json.loads(x) for x in lines]
+    damaged = []
+    r = dict(recs[0]); del r["before"]; damaged.append(json.dumps(r).encode())                  # missing key
+    r = json.loads(lines[1]); r["after"]["biou"] = None; damaged.append(json.dumps(r).encode())  # null biou
+    damaged.append(lines[2].rstrip(b"\n").replace(b'"id"', b'"\xff\xfeid"'))                     # invalid UTF-8
+    r = dict(recs[3]); r["id"] = 7; damaged.append(json.dumps(r).encode())                      # integer id
+    r = dict(recs[4]); r["method"] = "renamed"; damaged.append(json.dumps(r).encode())          # unknown method
+    (out / "results.jsonl").write_bytes(b"\n".join(damaged) + b"\n" + b"".join(lines[5:]))
+    capsys.readouterr()
+    assert run(voc, *BASE, "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "ignoring 5 damaged line(s)" in err and "missing key 'before'" in err and "UTF-8" in err
+    assert "Traceback" not in err
+    assert records(out) == records(full)
+    summary = load_summary(out)
+    assert list(summary["methods"]) == ["none", "morphology"]          # no bogus 'renamed' row
+    assert summary["methods"] == load_summary(full)["methods"]
+    assert len((out / "damaged_lines.txt").read_bytes().splitlines()) == 5
+    assert run(voc, *BASE, "--out", out) == 0                          # set aside: no warning again
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_eval_merge_of_damaged_lines_and_run_json_never_crashes(voc, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(voc, *BASE, "--out", out) == 0
+    with open(out / "results.jsonl", "ab") as fh:
+        fh.write(b'{"id": "x", "method": "none", "before": null, "after": {}}\n[1, 2]\n\xc3\x28\n')
+    assert main(["eval", "--merge", str(out)]) == 0
+    assert "ignoring 3 damaged line(s)" in capsys.readouterr().err
+    (out / "run.json").write_text('{"dataset": ')
+    assert main(["eval", "--merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json is damaged" in err and "--overwrite" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["file", "parent_file"])
+def test_eval_out_that_cannot_be_a_folder_is_one_line(voc, tmp_path, capsys, kind):
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    out = blocker if kind == "file" else blocker / "sub"
+    assert run(voc, *BASE, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--out" in err

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..errors import G4SegError
-from .runner import (JsonlWriter, dedupe, evaluate_image, read_records, results_files,
-                     score, fuse, summarize, timing)
+from ..output_files import atomic_write_text, os_error_message, prepare_output_dir
+from .runner import (JsonlWriter, dedupe, evaluate_image, load_records, results_files, score, fuse, summarize,
+                     timing, warn_damaged)
 
 DEFAULT_METHODS = "none,g4seg"
 FINGERPRINT_KEYS = ("root", "split", "coarse", "protocol", "seed", "num_classes", "ignore_index",
@@ -146,38 +147,74 @@ def _fingerprint(run: dict) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .report import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _save_label_map(path: Path, labels) -> None:
     from ..mask_files import save_label_map_png
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.png")
-    save_label_map_png(labels, str(tmp))
-    os.replace(tmp, path)
+    save_label_map_png(labels, str(path))  # atomic
+
+
+def failures_name(index: int, count: int) -> str:
+    return "failures.json" if count == 1 else f"failures.rank{index}.json"
+
+
+def read_run(out_dir: Path) -> dict:
+    run_path = out_dir / "run.json"
+    try:
+        run = json.loads(run_path.read_text(encoding="utf-8"))
+        missing = [k for k in ("num_classes", "ignore_index", "class_names") if k not in run["dataset"]]
+        if missing:
+            raise KeyError(missing[0])
+    except OSError as exc:
+        raise G4SegError(f"cannot read {os_error_message(exc)}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise G4SegError(f"{run_path} is damaged ({type(exc).__name__}: {exc}); use --overwrite to start "
+                         "the run over") from None
+    return run
+
+
+def read_failures(out_dir: Path, records: List[dict], methods: List[str]) -> List[dict]:
+    """Failures of every shard's latest run, minus images that have since been done."""
+    done: dict = {}
+    for r in records:
+        done.setdefault(r["id"], set()).add(r["method"])
+    out = []
+    for path in sorted(out_dir.glob("failures*.json")):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))["failures"]
+            items = [{"id": str(f["id"]), "error": str(f["error"])} for f in items]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"warning: ignoring unreadable {path.name} ({exc})", file=sys.stderr)
+            continue
+        out += [f for f in items if not set(methods) <= done.get(f["id"], set())]
+    return sorted(out, key=lambda f: f["id"])
 
 
 def finish(out_dir: Path, report_method: Optional[str] = None) -> dict:
     """Recompute the totals from every results*.jsonl in out_dir; write summary + report."""
     from .report import make_grid, write_report_html, write_summary_csv, write_summary_json
 
-    run_path = out_dir / "run.json"
-    if not run_path.is_file():
+    if not (out_dir / "run.json").is_file():
         raise G4SegError(f"{out_dir} has no run.json: is it the --out folder of a `g4seg eval` run?")
-    run = json.loads(run_path.read_text(encoding="utf-8"))
+    run = read_run(out_dir)
     files = results_files(out_dir)
-    records = dedupe(read_records(files))
-    if not records:
-        raise G4SegError(f"no results in {out_dir} (results*.jsonl are empty or missing)")
     ds = run["dataset"]
+    records, damaged = load_records(files, ds["num_classes"], run.get("methods"))
+    warn_damaged(damaged)
+    records = dedupe(records)
+    failures = read_failures(out_dir, records, run.get("methods") or [])
+    if not records:
+        raise G4SegError(f"no results in {out_dir} (results*.jsonl are empty or missing)"
+                         + (f"; {len(failures)} image(s) failed, e.g. {failures[0]['id']}: {failures[0]['error']}"
+                            if failures else ""))
     methods = summarize(records, ds["num_classes"], ds["ignore_index"], ds["class_names"], run.get("methods"))
     grid_method = report_method or run.get("report_method") or next(
         (m for m in methods if m != "none"), next(iter(methods)))
     summary = {"run": run, "results_files": [f.name for f in files], "num_records": len(records),
-               "methods": methods, "timing": timing(records), "grid_method": grid_method}
+               "methods": methods, "timing": timing(records), "grid_method": grid_method,
+               "failures": failures, "damaged_lines": len(damaged)}
     grid = make_grid(out_dir, records, grid_method)
     summary["grid"] = grid.name if grid else None
     write_summary_json(out_dir, summary)
@@ -222,7 +259,6 @@ def run_eval(args) -> int:
     if not args.out:
         raise G4SegError("give an output folder with --out")
     from ..baselines import make_refiner, needs_crf, needs_pipeline
-    from .report import pred_path
     from ..cli_options import build_pipeline, config_from_args
     from .datasets import VOCStyleDataset, read_class_names
 
@@ -241,35 +277,22 @@ def run_eval(args) -> int:
                               num_classes=args.num_classes, class_names=class_names,
                               ignore_index=args.ignore_index, classes_from=args.classes_from,
                               limit=args.limit)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    pipeline, models = None, "none (no g4seg method)"
-    if any(needs_pipeline(m) for m in methods):
-        pipeline, models = build_pipeline(args, config)
-    if any(needs_crf(m) for m in methods):
-        from ..densecrf import crf_available, _INSTALL_HINT
-
-        if not crf_available():
-            raise G4SegError(_INSTALL_HINT)
-    shared: dict = {}  # one g4seg instance for every chain: G4Seg runs once per (image, class)
-    refiners = {m: make_refiner(m, pipeline=pipeline, config=config, shared=shared) for m in methods}
-
+    out_dir = prepare_output_dir(args.out)
     run = {"dataset": dataset.describe(), "methods": methods, "config": config.to_dict(),
-           "bg_power": bg_power, "boundary_ratio": args.boundary_ratio, "models": models,
+           "bg_power": bg_power, "boundary_ratio": args.boundary_ratio, "models": None,
            "report_method": args.report_method}
     run_path = out_dir / "run.json"
     if args.overwrite:
-        # Each rank removes its own file; rank 0 also the files no current rank writes
+        # Each rank removes its own files; rank 0 also the files no current rank writes
         # (never another live rank's file: they may already be writing).
-        own = {results_name(index, count), f"done.rank{index}.json"}
-        for f in results_files(out_dir) + list(out_dir.glob("done.rank*.json")):
+        own = {results_name(index, count), f"done.rank{index}.json", failures_name(index, count)}
+        for f in results_files(out_dir) + list(out_dir.glob("done.rank*.json")) + list(out_dir.glob("failures*.json")):
             stem_rank = f.name.split(".rank")[1].split(".")[0] if ".rank" in f.name else None
             foreign_live = stem_rank is not None and stem_rank.isdigit() and int(stem_rank) < count
             if f.name in own or (index == 0 and not foreign_live):
                 f.unlink(missing_ok=True)
     if run_path.exists() and not args.overwrite:
-        old = json.loads(run_path.read_text(encoding="utf-8"))
+        old = read_run(out_dir)
         if _fingerprint(old) != _fingerprint(run):
             diff = sorted(k for k, v in _fingerprint(run).items() if _fingerprint(old).get(k) != v)
             raise G4SegError(f"{out_dir} holds results of a different run (differs in {', '.join(diff)}); "
@@ -277,20 +300,54 @@ def run_eval(args) -> int:
         run["methods"] = old.get("methods", []) + [m for m in methods if m not in old.get("methods", [])]
         if old.get("report_method") and not args.report_method:
             run["report_method"] = old["report_method"]
-    _write_json(run_path, run)
-    (out_dir / f"done.rank{index}.json").unlink(missing_ok=True)
+        run["models"] = old.get("models")
 
-    done = set() if args.overwrite else {(r["id"], r["method"]) for r in read_records(results_files(out_dir))}
+    # Resume: every valid (id, method) record is done; damaged lines are redone.
+    own_results = out_dir / results_name(index, count)
+    records, damaged = ([], []) if args.overwrite else load_records(
+        results_files(out_dir), dataset.num_classes, run["methods"])
+    warn_damaged(damaged)
+    _set_aside_damaged(own_results, [d for d in damaged if d.path == own_results])
+    done = {(r["id"], r["method"]) for r in records}
     my_ids = dataset.ids[index::count]
     todo = [sid for sid in my_ids if any((sid, m) not in done for m in methods)]
-    if len(my_ids) != len(todo):
+    if len(todo) < len(my_ids):
         print(f"resuming: {len(my_ids) - len(todo)} of {len(my_ids)} image(s) already done", file=sys.stderr)
     if count > 1:
         print(f"shard {index}/{count}: {len(my_ids)} image(s)", file=sys.stderr)
 
+    # Cheap checks (file headers, sizes) of every image still to do, before any model loads;
+    # a bad image is listed at the end and the run goes on without it.
+    failures: dict = {}  # id -> one-line error
+    for sid in todo:
+        try:
+            dataset.check(sid)
+        except G4SegError as exc:
+            failures[sid] = str(exc)
+    if failures:
+        print(f"{len(failures)} of {len(todo)} image(s) fail the file checks and are skipped (listed at the end)",
+              file=sys.stderr)
+    todo = [sid for sid in todo if sid not in failures]
+
+    refiners: dict = {}
+    if todo:
+        if any(needs_crf(m) for m in methods):
+            from ..densecrf import crf_available, _INSTALL_HINT
+
+            if not crf_available():
+                raise G4SegError(_INSTALL_HINT)
+        pipeline, models = None, "none (no g4seg method)"
+        if any(needs_pipeline(m) for m in methods):
+            pipeline, models = build_pipeline(args, config)
+        run["models"] = models
+        shared: dict = {}  # one g4seg instance for every chain: G4Seg runs once per (image, class)
+        refiners = {m: make_refiner(m, pipeline=pipeline, config=config, shared=shared) for m in methods}
+    _write_json(run_path, run)
+    (out_dir / f"done.rank{index}.json").unlink(missing_ok=True)
+
     from tqdm import tqdm
 
-    writer = JsonlWriter(out_dir / results_name(index, count))
+    writer = JsonlWriter(own_results)
     save = not args.no_save_pred
     t_start = time.perf_counter()
     try:
@@ -298,23 +355,20 @@ def run_eval(args) -> int:
                    desc=f"eval[{index}/{count}]" if count > 1 else "eval", disable=args.no_progress,
                    dynamic_ncols=True)
         for sid in todo:
-            sample = dataset.load(sid)
-            pending = {m: refiners[m] for m in methods if (sid, m) not in done}
-            hw = sample.gt.shape
-            coarse_label = fuse(sample.coarse, hw, bg_power)
-            before = score(coarse_label, sample.gt, dataset.num_classes, dataset.ignore_index,
-                           args.boundary_ratio)
-            if save:
-                _save_label_map(pred_path(out_dir, "coarse", sid), coarse_label)
-            for name, record, label in evaluate_image(sample, pending, dataset.num_classes, dataset.ignore_index,
-                                                      bg_power, args.boundary_ratio, before=before):
-                if save:
-                    _save_label_map(pred_path(out_dir, name, sid), label)
-                writer.write(record)
+            try:
+                _evaluate_one(sid, dataset, methods, refiners, done, bg_power, args, out_dir, writer, save)
+            except G4SegError as exc:
+                failures[sid] = str(exc)
+            except OSError as exc:
+                failures[sid] = os_error_message(exc)
+            if sid in failures:
+                bar.write(f"{sid}: failed, going on: {failures[sid]}", file=sys.stderr)
             bar.update(1)
         bar.close()
     finally:
         writer.close()
+        _write_json(out_dir / failures_name(index, count),
+                    {"failures": [{"id": k, "error": v} for k, v in sorted(failures.items())]})
     elapsed = time.perf_counter() - t_start
     if todo:
         print(f"{len(todo)} image(s) in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.2f} images/s)",
@@ -327,11 +381,58 @@ def run_eval(args) -> int:
         if index != 0 or not _wait_for_shards(out_dir, count, wait):
             print(f"shard {index}/{count} done. When every shard has finished: g4seg eval --merge {out_dir}",
                   file=sys.stderr)
-            return 0
-    summary = finish(out_dir, args.report_method)
+            print_failures([{"id": k, "error": v} for k, v in sorted(failures.items())])
+            return 1 if failures else 0
+    try:
+        summary = finish(out_dir, args.report_method)
+    except G4SegError:
+        print_failures([{"id": k, "error": v} for k, v in sorted(failures.items())])
+        raise
     print_summary(summary)
     print(f"wrote {out_dir / 'summary.json'}, {out_dir / 'summary.csv'}, {out_dir / 'report.html'}")
-    return 0
+    print_failures(summary["failures"])
+    return 1 if summary["failures"] or failures else 0
+
+
+def print_failures(failures: List[dict]) -> None:
+    if failures:
+        print(f"{len(failures)} image(s) failed (also in summary.json; fix them and rerun the same command "
+              "to evaluate just those):", file=sys.stderr)
+        for f in failures:
+            print(f"  {f['id']}: {f['error']}", file=sys.stderr)
+
+
+def _evaluate_one(sid, dataset, methods, refiners, done, bg_power, args, out_dir, writer, save) -> None:
+    from .report import pred_path
+
+    sample = dataset.load(sid)
+    pending = {m: refiners[m] for m in methods if (sid, m) not in done}
+    hw = sample.gt.shape
+    coarse_label = fuse(sample.coarse, hw, bg_power)
+    before = score(coarse_label, sample.gt, dataset.num_classes, dataset.ignore_index, args.boundary_ratio)
+    if save:
+        _save_label_map(pred_path(out_dir, "coarse", sid), coarse_label)
+    for name, record, label in evaluate_image(sample, pending, dataset.num_classes, dataset.ignore_index,
+                                              bg_power, args.boundary_ratio, before=before):
+        if save:
+            _save_label_map(pred_path(out_dir, name, sid), label)
+        writer.write(record)
+
+
+def _set_aside_damaged(path: Path, damaged) -> None:
+    """Move this shard's damaged lines out of its results file (into damaged_lines.txt) so a rerun
+    does not warn about them again; the file is rewritten atomically."""
+    if not damaged:
+        return
+    bad = {d.line for d in damaged}
+    lines = path.read_bytes().split(b"\n")
+    keep = [line for i, line in enumerate(lines[:-1], start=1) if i not in bad]
+    with open(path.parent / "damaged_lines.txt", "ab") as fh:
+        fh.write(b"".join(d.raw + b"\n" for d in damaged))
+    from ..output_files import atomic_write_bytes
+
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in keep) + lines[-1])
+    print(f"warning: moved {len(damaged)} damaged line(s) of {path.name} to damaged_lines.txt", file=sys.stderr)
 
 
 def _wait_for_shards(out_dir: Path, count: int, wait: float) -> bool:

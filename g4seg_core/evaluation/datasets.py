@@ -58,11 +58,10 @@ def read_class_names(path: str) -> List[str]:
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except OSError as exc:
-        raise G4SegError(f"cannot read image {path}: {exc}") from None
+    """The picture as uint8 RGB (16-bit and float images scaled, greyscale repeated: image_files)."""
+    from ..image_files import read_rgb
+
+    return read_rgb(path).pixels
 
 
 def load_labels(path: Path) -> np.ndarray:
@@ -244,6 +243,23 @@ class VOCStyleDataset:
                 "protocol": self.protocol, "seed": self.seed, "num_classes": self.num_classes,
                 "ignore_index": self.ignore_index, "classes_from": self.classes_from,
                 "class_names": self.class_names}
+
+    # -- checking (cheap: file headers only, before any model loads)
+    def check(self, sid: str) -> None:
+        """Raise G4SegError if the files of ``sid`` cannot be opened or the sizes disagree."""
+        from ..image_files import file_size_hw
+
+        hw = file_size_hw(self._images[sid])
+        gt_hw = file_size_hw(self._gts[sid])
+        if gt_hw != hw:
+            raise G4SegError(f"{sid}: image {self._images[sid]} is {hw[1]}x{hw[0]} but label map "
+                             f"{self._gts[sid]} is {gt_hw[1]}x{gt_hw[0]} (width x height)")
+        coarse = [self._coarse_maps[sid]] if sid in self._coarse_maps else \
+            list(self._coarse_probs.get(sid, {}).values())
+        if self.protocol is None and not coarse:
+            raise G4SegError(f"no coarse mask for {sid} in {self.coarse_dir}")
+        for path in coarse:
+            file_size_hw(path)  # coarse maps may be smaller (CAMs): they are resized, only opened here
 
     # -- loading
     def load(self, sid: str) -> LoadedSample:

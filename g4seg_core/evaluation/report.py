@@ -6,13 +6,13 @@ import csv
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..output_files import atomic_path, atomic_write_text, save_image
 from .runner import BUCKETS, PAPER_TABLE_VII, dedupe
 
 CSV_COLUMNS = ["method", "images", "samples",
@@ -29,12 +29,6 @@ COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b0
 
 def pred_path(out_dir, method: str, sid: str) -> Path:
     return Path(out_dir) / "pred" / method / f"{sid}.png"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_summary_json(out_dir, summary: dict) -> Path:
@@ -72,13 +66,11 @@ def csv_rows(summary: dict) -> List[Dict[str, str]]:
 
 def write_summary_csv(out_dir, summary: dict) -> Path:
     path = Path(out_dir) / "summary.csv"
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for row in csv_rows(summary):
             w.writerow(row)
-    os.replace(tmp, path)
     return path
 
 
@@ -162,10 +154,7 @@ def make_grid(out_dir, records: Sequence[dict], method: str, height: int = 160) 
             x += col_w[i] + pad
         y += height + pad
     path = Path(out_dir) / "grid.png"
-    tmp = path.with_name(f"grid.tmp{os.getpid()}.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_image(canvas, path)
 
 
 # ----------------------------------------------------------------------------- SVG charts
@@ -316,6 +305,11 @@ def write_report_html(out_dir, summary: dict, grid: Optional[Path]) -> Path:
         out.append(f"<h2>Examples ({esc(str(summary.get('grid_method')))})</h2><p>Best, median and worst "
                    "per-image mIoU gain; columns: image | coarse | refined | ground truth.</p>"
                    f"<img src='{esc(grid.name)}' alt='example grid' style='max-width:100%'>")
+    failures = summary.get("failures") or []
+    if failures:
+        out.append(f"<h2>Failed images ({len(failures)})</h2><p>Not in the totals above; fix them and rerun the "
+                   "same command to evaluate just these.</p>" + _table(["id", "error"], [[f["id"], f["error"]]
+                                                                         for f in failures]))
     out.append("<h2>Run</h2><pre>" + esc(json.dumps(run, indent=2)) + "</pre></body></html>")
     path = Path(out_dir) / "report.html"
     atomic_write_text(path, "\n".join(out))

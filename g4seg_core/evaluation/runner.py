@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from ..errors import G4SegError
 from ..metrics import ConfusionMatrix, boundary_band, boundary_dilation, iou, mba
+from ..output_files import os_error_message
 
 BUCKETS = ((0.0, 40.0, "0-40"), (40.0, 80.0, "40-80"), (80.0, 100.0001, "80-100"))
 # Table VII (VOC, CLIP-ES seeds): gain in IoU points per initial-IoU bucket.
@@ -104,23 +107,122 @@ def results_files(out_dir) -> List[Path]:
                   if p.name.startswith("results") and p.name.endswith(".jsonl"))
 
 
-def read_records(paths: Iterable[Path]) -> List[dict]:
-    """Every complete, parseable line of the given JSONL files (partial lines skipped)."""
-    records = []
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _side_problem(side, num_classes: Optional[int]) -> Optional[str]:
+    if not isinstance(side, dict):
+        return "is not an object"
+    for key in ("cm", "biou", "iou", "mba"):
+        if key not in side:
+            return f"lacks {key!r}"
+    cm = side["cm"]
+    if not isinstance(cm, list) or not all(
+            isinstance(e, list) and len(e) == 3 and all(_is_int(v) and v >= 0 for v in e) for e in cm):
+        return "'cm' is not a list of [gt, pred, count] integer triples"
+    if num_classes is not None and any(g >= num_classes or q >= num_classes for g, q, _ in cm):
+        return f"'cm' names a class >= {num_classes} classes"
+    biou = side["biou"]
+    if not isinstance(biou, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v) for v in biou.values()):
+        return "'biou' is not {class: [intersection, union]} of integers"
+    if not isinstance(side["iou"], dict) or not all(_is_number(v) for v in side["iou"].values()):
+        return "'iou' is not {class: number}"
+    if not isinstance(side["mba"], dict) or not all(v is None or _is_number(v) for v in side["mba"].values()):
+        return "'mba' is not {class: number or null}"
+    if not (side.get("miou") is None or _is_number(side.get("miou"))):
+        return "'miou' is not a number or null"
+    return None
+
+
+def record_problem(rec, num_classes: Optional[int] = None,
+                   methods: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Why a parsed results line cannot be used (None if it can): the schema evaluate_image writes."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for key in ("id", "method", "before", "after"):
+        if key not in rec:
+            return f"missing key {key!r}"
+    if not isinstance(rec["id"], str) or not rec["id"]:
+        return f"id {rec['id']!r} is not a non-empty string"
+    if not isinstance(rec["method"], str) or not rec["method"]:
+        return f"method {rec['method']!r} is not a non-empty string"
+    if methods is not None and rec["method"] not in methods:
+        return f"method {rec['method']!r} is not one of this run's methods ({', '.join(methods)})"
+    if "time_s" in rec and not _is_number(rec["time_s"]):
+        return "'time_s' is not a number"
+    for side in ("before", "after"):
+        problem = _side_problem(rec[side], num_classes)
+        if problem:
+            return f"{side!r} {problem}"
+    return None
+
+
+@dataclass
+class DamagedLine:
+    path: Path
+    line: int  # 1-based
+    reason: str
+    raw: bytes
+
+
+def load_records(paths: Iterable[Path], num_classes: Optional[int] = None,
+                 methods: Optional[Sequence[str]] = None) -> Tuple[List[dict], List[DamagedLine]]:
+    """(records, damaged lines) of the given JSONL files.
+
+    A line cut by an interruption (no newline yet) is neither: the writer cuts it off. Every
+    other line that is not valid UTF-8, not JSON, or not a record of this run's schema is a
+    damaged line: never used, so its (id, method) counts as not done and is redone.
+    """
+    records: List[dict] = []
+    damaged: List[DamagedLine] = []
     for path in paths:
-        with open(path, "r", encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
-                    continue  # a line cut by an interruption
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "id" in rec and "method" in rec:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise G4SegError(f"cannot read results file {os_error_message(exc)}") from None
+        lines = data.split(b"\n")
+        for number, raw in enumerate(lines[:-1], start=1):  # the last piece has no newline
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                reason = "not valid UTF-8"
+            except ValueError as exc:
+                reason = f"not JSON ({exc})"
+            else:
+                reason = record_problem(rec, num_classes, methods)
+                if reason is None:
                     records.append(rec)
+                    continue
+            damaged.append(DamagedLine(Path(path), number, reason, raw))
+    return records, damaged
+
+
+def warn_damaged(damaged: Sequence[DamagedLine], out=None) -> None:
+    """One warning per file: how many lines were dropped and why (the first few)."""
+    out = sys.stderr if out is None else out
+    by_file: Dict[Path, List[DamagedLine]] = {}
+    for d in damaged:
+        by_file.setdefault(d.path, []).append(d)
+    for path, items in by_file.items():
+        shown = "; ".join(f"line {d.line}: {d.reason}" for d in items[:3])
+        more = f"; and {len(items) - 3} more" if len(items) > 3 else ""
+        print(f"warning: {path}: ignoring {len(items)} damaged line(s) ({shown}{more}); "
+              f"their images are evaluated again", file=out)
+
+
+def read_records(paths: Iterable[Path], num_classes: Optional[int] = None,
+                 methods: Optional[Sequence[str]] = None) -> List[dict]:
+    """Every valid record of the given JSONL files; damaged lines are skipped with a warning."""
+    records, damaged = load_records(paths, num_classes, methods)
+    warn_damaged(damaged)
     return records
 
 

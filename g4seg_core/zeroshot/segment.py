@@ -1,0 +1,247 @@
+"""Dense zero-shot segmentation: an image and class names -> per-class probabilities and a label map.
+
+The recipe (SPEC "Words -> coarse mask"; NACLIP / SCLIP evaluation protocol):
+  1. the image is resized so its shorter side is `short_side` (336);
+  2. windows of `window` px (224) slide with `stride` (112), the last row/column flush with the
+     border; each window gives NACLIP patch embeddings, logits = `logit_scale` (40) · cos(patch, query)
+     upsampled bilinearly to the window; overlapping windows are averaged;
+  3. the averaged logits are upsampled bilinearly to the image, softmax over all queries
+     (every synonym of every class and every background word);
+  4. a class's probability is the max over its synonyms' probabilities; background's the max over
+     the background words'; the label map is the argmax (0 = background, k = k-th class), and
+     pixels whose best probability is below `prob_threshold` (0.1) become background.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import G4SegError
+from .neighbourhood import DEFAULT_SIGMA
+from .text import QueryEmbeddings, check_widths
+from .vocabulary import ClassList, parse_classes, template_set
+
+
+@dataclass
+class ZeroShotConfig:
+    """Knobs of the words -> coarse-mask segmenter (defaults: the published recipe)."""
+
+    short_side: int = 336  # image resized so its shorter side is this many px (0: keep the image size)
+    window: int = 224  # sliding-window side, px
+    stride: int = 112  # window step, px
+    logit_scale: float = 40.0
+    sigma: float = DEFAULT_SIGMA  # neighbourhood width, patches
+    background: str = "voc"  # 'voc' (26 stuff words), 'none', or comma-separated words
+    prob_threshold: float = 0.1  # best class probability below this -> background
+    templates: str = "imagenet80"  # 'imagenet80' (recipe) or 'single' ('a photo of a {}.')
+    window_batch: int = 8  # windows per vision-model call (memory vs speed; results do not change)
+
+    def __post_init__(self) -> None:
+        for name in ("window", "stride", "window_batch"):
+            if int(getattr(self, name)) < 1:
+                raise G4SegError(f"{name}={getattr(self, name)}: use a positive number")
+        if self.stride > self.window:
+            raise G4SegError(f"stride={self.stride} > window={self.window}: windows would leave gaps")
+        if self.short_side < 0:
+            raise G4SegError(f"short_side={self.short_side}: use 0 (keep the image size) or a size in px (336)")
+        if not self.logit_scale > 0:
+            raise G4SegError(f"logit_scale={self.logit_scale}: use a positive number (recipe: 40)")
+        if not 0.0 <= self.prob_threshold <= 1.0:
+            raise G4SegError(f"prob_threshold={self.prob_threshold}: use 0..1 (recipe: 0.1; 0 turns it off)")
+        if not self.sigma > 0:
+            raise G4SegError(f"sigma={self.sigma}: use a positive width in patches (recipe: 5)")
+        template_set(self.templates)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sliding_windows(height: int, width: int, window: int, stride: int) -> List[Tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of each window; the last ones flush with the border; one window
+    (the whole side) when a side is shorter than the window."""
+    def starts(size):
+        if size <= window:
+            return [(0, size)]
+        count = (size - window + stride - 1) // stride + 1
+        return [(min(i * stride, size - window), min(i * stride, size - window) + window) for i in range(count)]
+
+    return [(t, b, l, r) for t, b in starts(height) for l, r in starts(width)]
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """[out, in] weights of 1-D bilinear resampling (align_corners=False, no antialias), as F.interpolate."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = (src - low).to(torch.float32)
+    m = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    m.index_put_((rows, low), 1 - frac, accumulate=True)
+    m.index_put_((rows, high), frac, accumulate=True)
+    return m
+
+
+@dataclass
+class ZeroShotResult:
+    """probs: [K, H, W] per class (in the given order); background: [H, W]; labels: [H, W] uint8."""
+
+    classes: ClassList
+    probs: np.ndarray
+    background: np.ndarray
+    labels: np.ndarray
+    config: ZeroShotConfig
+    windows: int
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return self.classes.classes
+
+    def summary(self) -> dict:
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.names) + 1)
+        total = float(self.labels.size)
+        return {"classes": list(self.names), "synonyms": [list(s) for s in self.classes.synonyms],
+                "background_words": list(self.classes.background),
+                "background_words_dropped": list(self.classes.dropped_background),
+                "label_fractions": {name: round(float(c) / total, 6)
+                                    for name, c in zip(("background",) + self.names, counts)},
+                "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
+
+
+class ZeroShotSegmenter:
+    """NACLIP features (a DenseCLIPFeatures-like callable) + a text tower -> `segment(image, classes)`.
+
+    Args:
+        features: callable images [B, 3, h, w] in [0, 1] -> L2-normalised [B, D, h/p, w/p]
+            (`neighbourhood.from_open_clip` / `from_transformers`, or the ComfyUI adapter).
+        text: callable prompts -> [N, D] projected text embeddings, or a `QueryEmbeddings`.
+        config: ZeroShotConfig.
+    """
+
+    def __init__(self, features, text, config: Optional[ZeroShotConfig] = None):
+        self.features = features
+        self.text = text if isinstance(text, QueryEmbeddings) else QueryEmbeddings(text, getattr(text, "name", "text"))
+        self.config = config or ZeroShotConfig()
+        self.checked_width = False
+
+    def query_embeddings(self, classes: ClassList) -> Tuple[torch.Tensor, torch.Tensor]:
+        """([Q, D] unit query embeddings, [Q] label of each query: 0 background, k class k)."""
+        queries = classes.queries
+        emb = self.text([w for w, _ in queries], template_set(self.config.templates))
+        return emb, torch.tensor([label for _, label in queries])
+
+    def _window_logits(self, image: torch.Tensor, text: torch.Tensor, progress: Optional[Callable]):
+        """Averaged window logits [Q, h, w] of one [1, 3, h, w] image at the working size."""
+        c = self.config
+        _, _, h, w = image.shape
+        windows = sliding_windows(h, w, c.window, c.stride)
+        total = torch.zeros(text.shape[0], h, w)
+        count = torch.zeros(1, h, w)
+        for start in range(0, len(windows), c.window_batch):
+            group = windows[start:start + c.window_batch]
+            sizes = {(b - t, r - l) for t, b, l, r in group}
+            crops = [image[:, :, t:b, l:r] for t, b, l, r in group]
+            # equal-sized windows go through the model together; odd ones (small images) one by one
+            batches = [torch.cat(crops)] if len(sizes) == 1 else crops
+            feats = [f for batch in batches for f in self.features(batch).float().cpu()]
+            for (t, b, l, r), feat in zip(group, feats):
+                if not self.checked_width:
+                    check_widths(text.shape[1], feat.shape[0], getattr(self.text, "name", "text encoder"),
+                                 getattr(self.features, "name", "CLIP vision model"))
+                    self.checked_width = True
+                logits = c.logit_scale * torch.einsum("dhw,qd->qhw", feat, text)
+                logits = F.interpolate(logits[None], size=(b - t, r - l), mode="bilinear", align_corners=False)[0]
+                total[:, t:b, l:r] += logits
+                count[:, t:b, l:r] += 1
+            if progress is not None:
+                progress(len(group))
+        return total / count, len(windows)
+
+    @torch.no_grad()
+    def segment(self, image, classes, progress: Optional[Callable[[int], None]] = None,
+                row_chunk: int = 512) -> ZeroShotResult:
+        """Segment one image.
+
+        Args:
+            image: HxWx3 uint8 array / PIL image, or a float tensor [3, H, W] / [1, 3, H, W] in [0, 1].
+            classes: a ClassList, or a string like 'cat, sofa|couch, person' (background from the config).
+            progress: called with the number of windows done after each vision-model call.
+            row_chunk: output rows upsampled at a time (bounds memory on large images; same result).
+        """
+        c = self.config
+        timings = {}
+        start = time.perf_counter()
+        if not isinstance(classes, ClassList):
+            classes = parse_classes(classes, c.background)
+        pixels = _as_chw(image)
+        height, width = pixels.shape[-2:]
+        text, query_labels = self.query_embeddings(classes)
+        timings["text"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if c.short_side:
+            scale = c.short_side / min(height, width)
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            work = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False,
+                                 antialias=True).clamp(0, 1) if size != (height, width) else pixels[None]
+        else:
+            work = pixels[None]
+        logits, n_windows = self._window_logits(work, text, progress)
+        timings["vision"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        probs, best = _class_probabilities(logits, query_labels, len(classes.classes), (height, width), row_chunk)
+        labels = probs.argmax(dim=0)
+        labels[best < c.prob_threshold] = 0
+        timings["upsample"] = time.perf_counter() - start
+        return ZeroShotResult(classes=classes, probs=probs[1:].numpy(), background=probs[0].numpy(),
+                              labels=labels.to(torch.uint8).numpy(), config=c, windows=n_windows, timings=timings)
+
+
+def _class_probabilities(logits: torch.Tensor, query_labels: torch.Tensor, n_classes: int,
+                         size_hw: Tuple[int, int], row_chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[Q, h, w] logits -> ([1+K, H, W] merged probabilities, [H, W] best probability).
+
+    Bilinear upsampling is separable (rows then columns), so output rows are computed in chunks
+    exactly as one F.interpolate would, without a [Q, H, W] tensor of the whole image.
+    """
+    q, h, w = logits.shape
+    rows, cols = bilinear_matrix(size_hw[0], h), bilinear_matrix(size_hw[1], w)
+    out = torch.zeros(n_classes + 1, *size_hw)
+    by_cols = torch.einsum("qhw,Ww->qhW", logits, cols)  # [Q, h, W]
+    for top in range(0, size_hw[0], row_chunk):
+        chunk = torch.einsum("Hh,qhW->qHW", rows[top:top + row_chunk], by_cols).softmax(dim=0)
+        for label in range(n_classes + 1):
+            members = (query_labels == label).nonzero().flatten()
+            if len(members):
+                out[label, top:top + row_chunk] = chunk[members].amax(dim=0)
+    return out, out.amax(dim=0)
+
+
+def _as_chw(image) -> torch.Tensor:
+    """[3, H, W] float in [0, 1] from a PIL image, HxWx3 uint8 array or a float tensor."""
+    if torch.is_tensor(image):
+        x = image.detach().float().cpu()
+        if x.dim() == 4:
+            if x.shape[0] != 1:
+                raise G4SegError(f"segment takes one image at a time, got a batch of {x.shape[0]}")
+            x = x[0]
+        if x.dim() != 3 or x.shape[0] != 3:
+            raise G4SegError(f"image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
+    else:
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise G4SegError(f"image must be RGB HxWx3, got shape {arr.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+        if arr.dtype == np.uint8:
+            x = x / 255.0
+    if not torch.isfinite(x).all():
+        raise G4SegError("image contains NaN or infinite values")
+    return x.clamp(0, 1)
