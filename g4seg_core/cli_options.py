@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DIRECTIONS, EMI_MODES, EMI_SCHEDULES, SOFTEN_MODES, G4SegConfig
+from .config import KNOBS, G4SegConfig
 from .errors import G4SegError, ModelNotFoundError
 
 RANDOM_BANNER = ("=" * 78 + "\n  RANDOM WEIGHTS: tiny random-weight models built from config.\n"
@@ -22,44 +22,47 @@ RANDOM_BANNER = ("=" * 78 + "\n  RANDOM WEIGHTS: tiny random-weight models built
 
 # ---- parameters shared by refine and eval ------------------------------------------------
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    d = G4SegConfig()
+    """One flag per knob of config.KNOBS (default None: a flag overrides --config only when given)."""
     g = parser.add_argument_group("G4Seg parameters (defaults: the paper's; see README)")
     g.add_argument("--config", help="JSON file of G4SegConfig values; flags below override it")
-    g.add_argument("--size", type=int, help=f"working resolution (default {d.size})")
-    g.add_argument("--timestep", type=int, help=f"noise step t (default {d.timestep})")
-    g.add_argument("--seed", type=int, help=f"noise seed (default {d.seed})")
-    g.add_argument("--prompt-template", help=f"prompt with {{}} for the class (default {d.prompt_template!r})")
-    g.add_argument("--emi-mode", choices=EMI_MODES, help=f"mask injection mode (default {d.emi_mode})")
-    g.add_argument("--cross-weight", type=float, help=f"cross-attention injection weight (default {d.cross_weight})")
-    g.add_argument("--self-weight", type=float, help=f"self-attention injection weight (default {d.self_weight})")
-    g.add_argument("--emi-schedule", choices=EMI_SCHEDULES, help=f"weight schedule (default {d.emi_schedule})")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1 = off)")
-    g.add_argument("--grid", dest="correspondence_grid", type=int,
-                   help=f"correspondence grid, 0 = CLIP's own (default {d.correspondence_grid})")
-    g.add_argument("--direction", choices=DIRECTIONS, help=f"correspondence direction (default {d.direction})")
-    g.add_argument("--beta", type=float, help=f"mixing coefficient (default {d.beta}; 0.9 for WSSS)")
-    g.add_argument("--band", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help=f"coarse-filtering band (default {d.band[0]} {d.band[1]})")
-    g.add_argument("--iterations", type=int, help=f"mixing iterations (default {d.iterations})")
-    g.add_argument("--threshold", type=float, help=f"binary threshold (default {d.threshold})")
-    g.add_argument("--soften", choices=SOFTEN_MODES, help=f"binary-mask softening (default {d.soften})")
-    g.add_argument("--soften-width", type=float, help=f"softening width, working-size px (default {d.soften_width})")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="model dtype (default float32)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    for knob in KNOBS:
+        if not knob.cli_flag:
+            continue
+        if knob.kind == "band":
+            default = " ".join(f"{v:g}" for v in knob.default)
+        else:
+            default = repr(knob.default) if knob.kind == "str" else knob.default
+        shown = f"{knob.help} (default {default})" if knob.default is not None else knob.help
+        kwargs = {"dest": knob.name, "help": shown.replace("%", "%%")}
+        if knob.kind == "choice":
+            kwargs["choices"] = knob.choices
+        elif knob.kind in ("int", "float"):
+            kwargs["type"] = int if knob.kind == "int" else float
+        elif knob.kind == "band":
+            kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+        g.add_argument(knob.cli_flag, **kwargs)
 
 
 def config_from_args(args) -> G4SegConfig:
     values = {}
     if getattr(args, "config", None):
         try:
-            values.update(json.loads(Path(args.config).read_text()))
+            loaded = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise G4SegError(f"cannot read --config {args.config}: {exc}") from exc
-    for name in G4SegConfig.__dataclass_fields__:
-        value = getattr(args, name, None)
+        if not isinstance(loaded, dict):
+            raise G4SegError(f"--config {args.config} holds a JSON {type(loaded).__name__}; it must be an object of "
+                             "G4Seg parameters, e.g. {\"beta\": 0.9}")
+        values.update(loaded)
+    for knob in KNOBS:
+        value = getattr(args, knob.name, None)
         if value is not None:
-            values[name] = value
-    return G4SegConfig.from_dict(values)
+            values[knob.name] = value
+    try:
+        return G4SegConfig.from_dict(values)
+    except G4SegError as exc:
+        where = f" (flags and --config {args.config})" if getattr(args, "config", None) else ""
+        raise G4SegError(f"{exc}{where}") from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

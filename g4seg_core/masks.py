@@ -111,6 +111,16 @@ def validate_pair(image_hw: Sequence[int], mask_hw: Sequence[int]) -> None:
             f"to the image")
 
 
+def check_same_framing(image_hw: Sequence[int], mask_hw: Sequence[int], tolerance: float = 0.04) -> None:
+    """A mask may have any resolution, but the image's aspect ratio (within 4%: rounding of odd sizes)."""
+    ih, iw = check_hw(image_hw, "image size")
+    mh, mw = check_hw(mask_hw, "mask size")
+    if abs(mw / mh - iw / ih) / (iw / ih) > tolerance:
+        raise G4SegError(f"the mask is {mw}x{mh} (width x height) but the image is {iw}x{ih}: the aspect ratios "
+                         "differ, so the mask does not show the image's framing. Check that the mask belongs to "
+                         "this image (any resolution with the image's aspect ratio works)")
+
+
 def is_binary(prob) -> bool:
     """True if every value is exactly 0 or 1 (within 1e-6)."""
     arr = as_numpy(prob)

@@ -8,16 +8,14 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, interpolate_position_grid
-from g4seg_core.config import DIRECTIONS, G4SegConfig
+from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.injection import plain_attention
 from g4seg_core.mixing import correspondence_for, update_from_features
 
-from .common import (CATEGORY, Progress, check_aspect, check_interrupt, image_batch,
+from .comfy_backend import comfy_clip_vision_features
+from .common import (CATEGORY, Progress, check_aspect, check_interrupt, image_batch, knob_inputs,
                      image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
 
-_D = G4SegConfig()
 CORRESPONDENCE_TYPE = "G4SEG_CORRESPONDENCE"
 
 
@@ -36,71 +34,6 @@ class G4SegCorrespondence:
 
 
 # --------------------------------------------------------------------------- ComfyUI CLIP_VISION adapter
-
-def _sdpa_attention(q, k, v, heads, mask=None, **kwargs):
-    """ComfyUI's attention-function signature on PyTorch SDPA (ComfyUI's --cpu default einsum is slow)."""
-    return plain_attention(q, k, v, heads)
-
-
-def _run_encoder(encoder, x):
-    """The CLIP encoder layer by layer with SDPA attention; the encoder's own forward if its layout differs."""
-    layers = getattr(encoder, "layers", None)
-    if layers is None:
-        return encoder(x, mask=None, intermediate_output=None)[0]
-    for layer in layers:
-        x = layer(x, None, _sdpa_attention)
-    return x
-
-
-def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
-    """DenseCLIPFeatures running ComfyUI's own CLIP vision transformer on the full image.
-
-    Patch tokens of the last layer -> post_layernorm -> visual_projection, with the learned
-    positional embedding interpolated to the image's patch grid (no centre crop).
-    """
-    outer = getattr(clip_vision, "model", None)
-    vision = getattr(outer, "vision_model", None)
-    emb = getattr(vision, "embeddings", None)
-    if emb is None or not hasattr(emb, "patch_embedding") or not hasattr(emb, "position_embedding"):
-        raise G4SegError("this CLIP_VISION model is not a CLIP/SigLIP ViT (e.g. a DINOv2 or other encoder): "
-                         "load a CLIP ViT with CLIPVisionLoader (ViT-L/14, ViT-H/14, ViT-bigG/14)")
-    import comfy.model_management as mm
-    import comfy.ops
-
-    patch = emb.patch_embedding.kernel_size[0]
-    has_cls = getattr(emb, "class_embedding", None) is not None
-    n_pos = emb.position_embedding.weight.shape[0] - (1 if has_cls else 0)
-    side = int(round(n_pos ** 0.5))
-    if side * side != n_pos:
-        raise G4SegError(f"CLIP vision positional embedding has {n_pos} patch positions, not a square grid")
-    projection = getattr(outer, "visual_projection", None)
-    output_layernorm = bool(getattr(vision, "output_layernorm", False))
-
-    def tokens_fn(pixels, grid):
-        x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        pos = comfy.ops.cast_to_input(emb.position_embedding.weight, x)
-        patch_pos = interpolate_position_grid(pos[1:] if has_cls else pos, (side, side), tuple(grid))
-        x = x + patch_pos[None]
-        if has_cls:
-            cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
-            x = torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1)
-        x = vision.pre_layrnorm(x)
-        x = _run_encoder(vision.encoder, x)
-        if has_cls:
-            x = x[:, 1:]
-        x = vision.post_layernorm(x)
-        if projection is not None and callable(projection) and not output_layernorm:
-            x = projection(x)
-        return x
-
-    mean = getattr(clip_vision, "image_mean", None) or CLIP_MEAN
-    std = getattr(clip_vision, "image_std", None) or CLIP_STD
-    mm.load_model_gpu(clip_vision.patcher)
-    # fp32 inputs, as ComfyUI's own encode_image: the weights may be stored in fp16 (ComfyUI's CPU
-    # default) and its manual-cast layers compute in the input's dtype; fp16 on a CPU is very slow.
-    feats = DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
-                              compute_device=getattr(clip_vision, "load_device", None), compute_dtype=torch.float32)
-    return feats
 
 
 def features_for(extractor, image_hwc: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
@@ -138,10 +71,7 @@ def match_visualisation(orig_img: torch.Tensor, gen_img: torch.Tensor, corr_orig
 
 
 def clip_correspondence(clip_vision, original, generated, grid, direction, extractor=None):
-    if direction not in DIRECTIONS:
-        raise G4SegError(f"direction {direction!r}: choose one of {DIRECTIONS}")
-    if not (grid == 0 or 8 <= grid <= 128):
-        raise G4SegError(f"grid={grid}: use 0 (the CLIP patch grid) or 8..128")
+    G4SegConfig.from_widgets({"grid": grid, "direction": direction})  # the knobs' own checks
     orig = image_batch(original, "original image")
     gen = image_batch(generated, "generated image")
     if orig.shape[0] != gen.shape[0] and gen.shape[0] != 1 and orig.shape[0] != 1:
@@ -182,8 +112,7 @@ class G4SegCLIPCorrespondence:
             "clip_vision": ("CLIP_VISION", {"tooltip": "A CLIP ViT image encoder (CLIPVisionLoader), e.g. ViT-L/14 or ViT-H/14."}),
             "original": ("IMAGE", {"tooltip": "The original image."}),
             "generated": ("IMAGE", {"tooltip": "The one-step generated image (VAEDecode of G4Seg One-Step Denoise); same size as the original, or up to 15 px smaller from the VAE's multiple-of-8 crop."}),
-            "grid": ("INT", {"default": _D.correspondence_grid, "min": 0, "max": 128, "step": 8, "tooltip": "Features are resampled to grid x grid before matching (0 = the CLIP patch grid; at most 128)."}),
-            "direction": (list(DIRECTIONS), {"default": _D.direction, "tooltip": "original_to_generated: for each original location, where its content went in the generated image (default, see SPEC); generated_to_original: Eq. 8 read literally."}),
+            **knob_inputs("grid", "direction"),
         }}
 
     def match(self, clip_vision, original, generated, grid, direction):
@@ -195,10 +124,8 @@ class G4SegCLIPCorrespondence:
 def mix_foreground(mask, correspondence, beta, band_low, band_high, iterations, threshold):
     if not isinstance(correspondence, G4SegCorrespondence):
         raise G4SegError("correspondence must come from G4Seg CLIP Correspondence")
-    if not 0.0 <= band_low <= band_high <= 1.0:
-        raise G4SegError(f"band [{band_low}, {band_high}]: use 0 <= low <= high <= 1 (paper: 0.2, 0.6)")
-    if not 0.0 < threshold < 1.0:
-        raise G4SegError(f"threshold={threshold}: use a value strictly between 0 and 1")
+    G4SegConfig.from_widgets({"beta": beta, "band_low": band_low, "band_high": band_high,
+                              "iterations": iterations, "threshold": threshold})  # the knobs' own checks
     masks = mask_batch(mask)
     n = len(correspondence)
     if masks.shape[0] not in (1, n) and n != 1:
@@ -236,11 +163,7 @@ class G4SegMixForeground:
         return {"required": {
             "mask": ("MASK", {"tooltip": "Coarse probability map (soften binary masks first: G4Seg Load Coarse Mask does). Any resolution with the image's aspect ratio."}),
             "correspondence": (CORRESPONDENCE_TYPE, {"tooltip": "From G4Seg CLIP Correspondence."}),
-            "beta": ("FLOAT", {"default": _D.beta, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Weight of the original probability (paper: 0.8 open-vocabulary, 0.9 weakly supervised)."}),
-            "band_low": ("FLOAT", {"default": _D.band[0], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Coarse filtering: only pixels with band_low <= S <= band_high are updated (paper: 0.2)."}),
-            "band_high": ("FLOAT", {"default": _D.band[1], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Upper end of the coarse-filtering band (paper: 0.6)."}),
-            "iterations": ("INT", {"default": _D.iterations, "min": 1, "max": 20, "tooltip": "How many times the mixing is repeated with the updated map."}),
-            "threshold": ("FLOAT", {"default": _D.threshold, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip": "Threshold for the binary output."}),
+            **knob_inputs("beta", "band_low", "band_high", "iterations", "threshold"),
         }}
 
     def mix(self, mask, correspondence, beta, band_low, band_high, iterations, threshold):

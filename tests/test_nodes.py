@@ -10,7 +10,8 @@ from PIL import Image
 
 from g4seg_core.errors import G4SegError
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from nodes import common, correspondence_nodes, inject_nodes, mask_nodes, refine_node
+from g4seg_core import flow
+from nodes import comfy_backend, common, correspondence_nodes, inject_nodes, mask_nodes
 
 IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4SegCLIPCorrespondence",
        "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette", "G4SegDenseCRF"]
@@ -24,7 +25,7 @@ WIDGET_ORDER = {
     "G4SegMixForeground": ["beta", "band_low", "band_high", "iterations", "threshold"],
     "G4SegRefine": ["class_name", "timestep", "seed", "emi_mode", "cross_weight", "self_weight", "beta", "band_low",
                     "band_high", "iterations", "threshold", "size", "soften", "soften_width", "prompt_template",
-                    "area_scale", "schedule", "grid", "direction"],
+                    "area_scale", "schedule", "grid", "direction", "cfg", "negative_prompt"],
     "G4SegMaskToSegPalette": ["class_name", "threshold", "background"],
     "G4SegDenseCRF": ["iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
                       "bilateral_compat", "confidence", "threshold"],
@@ -103,10 +104,8 @@ def test_prompt_and_working_size():
     assert inject_nodes.fill_prompt("a photo of a {}", "cat") == "a photo of a cat"
     with pytest.raises(G4SegError):
         inject_nodes.fill_prompt("a photo", "cat")
-    assert refine_node.working_size(512, (300, 400)) == (512, 512)
-    assert refine_node.working_size(0, (300, 405)) == (296, 400)
-    with pytest.raises(G4SegError):
-        refine_node.working_size(500, (300, 400))
+    assert flow.working_size(512, (300, 400)) == (512, 512)
+    assert flow.working_size(0, (300, 405)) == (296, 400)
 
 
 class _Sampling:
@@ -120,12 +119,12 @@ class _Sampling:
 
 
 def test_sigma_for_timestep_uses_model_schedule():
-    assert abs(inject_nodes.sigma_for_timestep(_Sampling(), 400) - 1.16439) < 1e-3
+    assert abs(comfy_backend.sigma_for_timestep(_Sampling(), 400) - 1.16439) < 1e-3
 
 
 def test_zero_conditioning():
     pos = [[torch.ones(1, 77, 8), {"pooled_output": torch.ones(1, 8)}]]
-    neg = inject_nodes.zero_conditioning(pos)
+    neg = comfy_backend.zero_conditioning(pos)
     assert float(neg[0][0].abs().sum()) == 0 and float(neg[0][1]["pooled_output"].abs().sum()) == 0
     assert float(pos[0][0].sum()) > 0
 

@@ -47,7 +47,7 @@ def test_refine_end_to_end(pipe):
 
 def test_injection_changes_the_generation(pipe):
     image, mask = _inputs()
-    on = pipe.refine(image, mask, "cat", CONFIG.replace(emi_mode="additive", cross_weight=50.0, self_weight=50.0))
+    on = pipe.refine(image, mask, "cat", CONFIG.replace(emi_mode="additive", cross_weight=20.0, self_weight=20.0))
     off = pipe.refine(image, mask, "cat", CONFIG.replace(emi_mode="off"))
     assert not np.array_equal(np.asarray(on.generated), np.asarray(off.generated))
 
@@ -88,7 +88,7 @@ def test_soft_input_is_not_softened(pipe):
 
 
 @pytest.mark.parametrize("make, fragment", [
-    (lambda im, m: (im, m[:-1]), "size"),
+    (lambda im, m: (im, m[:48]), "aspect ratios differ"),
     (lambda im, m: (im, np.zeros_like(m)), "empty"),
     (lambda im, m: (im, np.ones_like(m)), "whole image"),
     (lambda im, m: (im, np.where(m > 0, np.nan, 0).astype(np.float32)), "NaN"),
@@ -114,6 +114,22 @@ def test_label_not_in_prompt(pipe):
         pipe.refine(image, mask, "cat " * 100, CONFIG)  # longer than 77 tokens
 
 
+def test_mask_at_another_resolution_with_the_image_aspect_ratio(pipe):
+    """Any mask resolution with the image's framing works; the result has the mask's size."""
+    image, mask = _inputs()
+    half = mask[::2, ::2]
+    result = pipe.refine(image, half, "cat", CONFIG)
+    assert result.prob.shape == half.shape
+
+
+def test_size_zero_keeps_the_image_size(pipe):
+    image, mask = _inputs(h=96, w=80)
+    result = pipe.refine(image, mask, "cat", CONFIG.replace(size=0))
+    assert result.generated.size == (80, 96) and result.prob.shape == mask.shape
+    with pytest.raises(G4SegError, match="separate batches"):
+        pipe.refine_batch([image, image[:88]], [mask, mask[:88]], "cat", CONFIG.replace(size=0))
+
+
 def test_float_image_and_torch_mask(pipe):
     image, mask = _inputs()
     result = pipe.refine(image.astype(np.float32) / 255.0, torch.from_numpy(mask), "cat", CONFIG)
@@ -132,7 +148,9 @@ def test_batch_equals_one_by_one(family, config):
     mask_b = np.zeros_like(mask_b)
     mask_b[30:70, 20:50] = 1  # a different region: per-image masks must not mix
     batch = pipe.refine_batch([img_a, img_b], [mask_a, mask_b], ["cat", "potted plant"], config)
-    singles = [pipe.refine(img_a, mask_a, "cat", config), pipe.refine(img_b, mask_b, "potted plant", config)]
+    # the documented batch seed rule: image i gets the noise of seed + i
+    singles = [pipe.refine(img_a, mask_a, "cat", config),
+               pipe.refine(img_b, mask_b, "potted plant", config.replace(seed=config.seed + 1))]
     assert [r.label for r in batch] == ["cat", "potted plant"]
     assert batch[0].token_positions != batch[1].token_positions or batch[0].prompt != batch[1].prompt
     for got, want in zip(batch, singles):

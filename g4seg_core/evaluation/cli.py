@@ -61,7 +61,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated: none, densecrf, morphology, guided, g4seg, g4seg+densecrf "
                         f"(any a+b chains) (default {DEFAULT_METHODS})")
-    g.add_argument("--bg-power", type=float, help="background channel (1 - max S)^p in the fusion (default: config, 1)")
     g.add_argument("--boundary-ratio", type=float, default=0.02, help="Boundary IoU band / image diagonal")
     g.add_argument("--report-method", help="method shown in the example grid (default: first that is not none)")
     g.add_argument("--no-save-pred", action="store_true", help="do not write OUT/pred/<method>/<id>.png "
@@ -269,7 +268,7 @@ def run_eval(args) -> int:
         if torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     config = config_from_args(args)
-    bg_power = float(args.bg_power) if args.bg_power is not None else float(config.bg_power)
+    bg_power = float(config.bg_power)  # --bg-power is a config knob flag
     methods = _methods(args.methods)
     class_names = read_class_names(args.class_names) if args.class_names else None
     dataset = VOCStyleDataset(args.data, split=args.split, image_dir=args.images_dir, gt_dir=args.gt_dir,

@@ -84,6 +84,7 @@ def chain(ckpt, cv_path):
 
 def bench(ckpt, cv_path, size=512, runs=2):
     pack = load_pack()
+    from g4seg_core.config import G4SegConfig
     m = pack.NODE_CLASS_MAPPINGS
     t = time.time()
     model, clip, vae, cv = load_models(ckpt, cv_path)
@@ -96,8 +97,8 @@ def bench(ckpt, cv_path, size=512, runs=2):
     for i in range(runs):
         t = time.time()
         with torch.inference_mode():  # as ComfyUI's executor runs every node
-            r, b, g = refine_node.refine(model, clip, vae, cv, img, mask, "cat", 400, i, "densediffusion", 1.0, 0.3,
-                                         0.8, 0.2, 0.6, 1, 0.5, size, "sdf", 8.0, stage_timings=stages)
+            r, b, g = refine_node.refine(model, clip, vae, cv, img, mask, "cat", G4SegConfig(size=size, seed=i),
+                                         stage_timings=stages)
         times.append(time.time() - t)
     return {"size": size, "load_s": load_s, "seconds_per_image": times, "stages_last_run_s": stages[-1],
             "threads": torch.get_num_threads(), "out": list(r.shape)}
@@ -120,7 +121,7 @@ def parity(ckpt, diffusers_dir, cv_path, size=128):
     with torch.inference_mode():
         prob, binary, generated = refine_node.refine(
             model, clip, vae, cv, torch.from_numpy(image).float()[None] / 255, torch.from_numpy(mask)[None], "cat",
-            400, 0, "densediffusion", 1.0, 0.3, 0.8, 0.2, 0.6, 1, 0.5, size, "sdf", 8.0)
+            G4SegConfig(size=size))
     core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu").refine(
         image, mask, "cat", G4SegConfig(size=size))
     core_prob, core_gen = torch.from_numpy(core.prob), torch.from_numpy(np.array(core.generated)).float() / 255
@@ -131,8 +132,9 @@ def parity(ckpt, diffusers_dir, cv_path, size=128):
 
 
 def broadcast(ckpt, cv_path):
-    """One image with two masks (the image's work is shared) == each mask refined on its own."""
+    """One image with two masks (the image's work is shared) == each mask refined on its own (mask i: seed + i)."""
     load_pack()
+    from g4seg_core.config import G4SegConfig
     refine_node = sys.modules["g4seg_pack.nodes.refine_node"]
     model, clip, vae, cv = load_models(ckpt, cv_path)
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -142,8 +144,7 @@ def broadcast(ckpt, cv_path):
 
     def run(m, seed):
         with torch.inference_mode():
-            return refine_node.refine(model, clip, vae, cv, image, m, "cat", 400, seed, "densediffusion", 1.0, 0.3,
-                                      0.8, 0.2, 0.6, 1, 0.5, 64, "sdf", 8.0)[0]
+            return refine_node.refine(model, clip, vae, cv, image, m, "cat", G4SegConfig(size=64, seed=seed))[0]
 
     both = run(masks, 0)
     return {"shape": list(both.shape), "diff": [float((both[0] - run(masks[:1], 0)[0]).abs().max()),
