@@ -143,6 +143,16 @@ def node_widget_values(node, info_node):
     return out, pos, len(values)
 
 
+def widget_default(spec):
+    """The value a widget has before anything is loaded into it."""
+    kind, opts = spec[0], _opts(spec)
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
 def _links(workflow):
     return {l[0]: l for l in workflow.get("links", [])}
 
@@ -156,6 +166,10 @@ def ui_to_api(workflow, object_info):
             continue
         info = object_info[node["type"]]
         inputs, _, _ = node_widget_values(node, info)
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, spec, _ in widget_slots(info):  # widgets appended after the file was saved keep their default
+            if name not in inputs and name not in linked:
+                inputs[name] = widget_default(spec)
         for inp in node.get("inputs", []):
             if inp.get("link") is None:
                 continue
