@@ -1,4 +1,4 @@
-"""`g4seg` command line: refine | selfcheck | bench | eval."""
+"""`g4seg` command line: refine | selfcheck | bench | eval | segment."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args
 from .config import G4SegConfig
 from .errors import G4SegError
+from .output_files import os_error_message
 from .evaluation.cli import add_eval_parser
+from .segment_command import add_segment_parser
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
@@ -21,93 +23,204 @@ MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
 
 
 # ---- refine ---------------------------------------------------------------------------
-def _pairs(image: Path, mask: Path) -> List[Tuple[Path, Path]]:
+OUTPUT_SUFFIXES = {"refined_prob": "_refined_prob.png", "refined_mask": "_refined_mask.png",
+                   "overlay": "_overlay.png", "generated": "_generated.png", "report": "_g4seg.json"}
+RUN_REPORT = "g4seg_run.json"  # a folder run's list of done, skipped and failed images
+
+
+def _by_stem(folder: Path, exts, what: str) -> Dict[str, Path]:
+    """{stem: file} of a folder; two files with one stem are an error (their outputs would collide)."""
+    found: Dict[str, List[Path]] = {}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise G4SegError(f"cannot list {what} folder {os_error_message(exc)}") from None
+    for p in entries:
+        if p.suffix.lower() in exts and not p.name.startswith("."):
+            found.setdefault(p.stem, []).append(p)
+    clashes = {stem: ps for stem, ps in found.items() if len(ps) > 1}
+    if clashes:
+        shown = "; ".join(" and ".join(p.name for p in ps) for ps in list(clashes.values())[:5])
+        raise G4SegError(f"{len(clashes)} name(s) in {what} folder {folder} are used by several files ({shown}): "
+                         f"each stem names one output (stem_refined_mask.png ...); rename or move one of each")
+    return {stem: ps[0] for stem, ps in found.items()}
+
+
+def _pairs(image: Path, mask: Path) -> Tuple[List[Tuple[Path, Path]], Dict[str, str]]:
+    """(image, mask) pairs and {image name: why it has no pair}."""
+    for p in (image, mask):
+        if not p.exists():
+            raise G4SegError(f"{p} does not exist")
     if image.is_dir() != mask.is_dir():
         raise G4SegError("IMAGE and MASK must both be files or both be folders")
     if not image.is_dir():
-        for p in (image, mask):
-            if not p.exists():
-                raise G4SegError(f"{p} does not exist")
-        return [(image, mask)]
-    masks = {p.stem: p for p in sorted(mask.iterdir()) if p.suffix.lower() in MASK_EXTS}
-    pairs, missing = [], []
-    for img in sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXTS):
-        m = masks.get(img.stem)
-        (pairs.append((img, m)) if m else missing.append(img.name))
-    if missing:
-        raise G4SegError(f"no mask with the same name (stem) in {mask} for: {', '.join(missing[:10])}")
-    if not pairs:
+        return [(image, mask)], {}
+    images = _by_stem(image, IMAGE_EXTS, "image")
+    masks = _by_stem(mask, MASK_EXTS, "mask")
+    if not images:
         raise G4SegError(f"no images ({', '.join(IMAGE_EXTS)}) in {image}")
-    return pairs
+    pairs = [(images[s], masks[s]) for s in sorted(images) if s in masks]
+    missing = {images[s].name: f"no mask named {s}.* ({', '.join(MASK_EXTS)}) in {mask}"
+               for s in sorted(images) if s not in masks}
+    return pairs, missing
 
 
-def load_image(path: Path, convert_rgb: bool):
-    from PIL import Image, UnidentifiedImageError
+def load_image(path: Path, convert_rgb: bool, quiet: bool = False):
+    """The picture as uint8 RGB (16-bit / float scaled, see image_files); notes what was converted."""
+    from .image_files import read_rgb
 
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise G4SegError(f"cannot read image {path}: {exc}") from exc
-    if image.mode != "RGB":
-        if not convert_rgb:
-            raise G4SegError(f"{path} is {image.mode}, not RGB: pass --convert-rgb to convert it")
-        print(f"note: converting {path.name} from {image.mode} to RGB (--convert-rgb)", file=sys.stderr)
-        image = image.convert("RGB")
-    return image
+    picture = read_rgb(path)
+    if picture.channels_converted and not convert_rgb:
+        raise G4SegError(f"{path} is {picture.source}, not RGB: pass --convert-rgb to convert it")
+    if picture.note and not quiet:
+        print(f"note: {path.name}: {picture.source}; {picture.note}", file=sys.stderr)
+    return picture.pixels
 
 
 def load_mask(path: Path, args):
-    from .label_maps import class_probability_from_label_map
-    from .mask_files import load_label_map, load_probability
+    from .label_maps import class_probability_from_file
+    from .mask_files import load_probability
 
-    if args.mask_class is not None:  # a VOC name or index; resolved by class_probability_from_label_map
-        return class_probability_from_label_map(load_label_map(path), args.mask_class)
+    if args.mask_class is not None:  # index 0..254 or VOC name, parsed by argparse
+        return class_probability_from_file(path, args.mask_class)[0]
     return load_probability(path)
 
 
+def check_pair(image_path: Path, mask_path: Path, args, config: G4SegConfig, quiet: bool = False):
+    """Read and check one pair as refine will (framing, mask range, empty/full): (image, mask)."""
+    from .masks import check_same_framing, validate_probability
+    from .softening import prepare_coarse
+
+    image = load_image(image_path, args.convert_rgb, quiet=quiet)
+    mask = validate_probability(load_mask(mask_path, args), name=f"mask {mask_path}")
+    try:
+        check_same_framing(image.shape[:2], mask.shape)
+    except G4SegError as exc:
+        raise G4SegError(f"{image_path.name} / {mask_path.name}: {exc}") from None
+    prepare_coarse(mask, soften="none")  # the empty / full checks, without the softening work
+    return image, mask
+
+
+def output_files(out_dir: Path, stem: str) -> Dict[str, Path]:
+    return {k: out_dir / f"{stem}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def _comparable(parameters: dict) -> dict:
+    return {k: v for k, v in parameters.items() if k != "device"}
+
+
+def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, config: G4SegConfig) -> bool:
+    """True if an earlier run wrote every output of this pair with the same parameters."""
+    files = output_files(out_dir, image_path.stem)
+    try:
+        report = json.loads(files["report"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(report, dict) and all(p.is_file() for p in files.values())
+            and report.get("image") == str(image_path) and report.get("mask") == str(mask_path)
+            and report.get("label") == args.label and report.get("mask_class") == args.mask_class
+            and _comparable(report.get("parameters") or {}) == _comparable(config.to_dict()))
+
+
 def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
+    """Every output written atomically; the JSON report last (its presence means the set is complete)."""
     import numpy as np
 
     from .mask_files import save_binary_png, save_probability_png16
+    from .output_files import atomic_write_text, save_image
     from .visualize import before_after
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"refined_prob": out_dir / f"{stem}_refined_prob.png", "refined_mask": out_dir / f"{stem}_refined_mask.png",
-             "overlay": out_dir / f"{stem}_overlay.png", "generated": out_dir / f"{stem}_generated.png",
-             "report": out_dir / f"{stem}_g4seg.json"}
+    files = output_files(out_dir, stem)
     save_probability_png16(result.prob, files["refined_prob"])
     save_binary_png(result.binary, files["refined_mask"])
     # a picture travels without its JSON: say on it when the models were random
     title = "refined (G4Seg, RANDOM WEIGHTS: not a real result)" if extra.get("models", "").startswith("selfcheck") \
         else "refined (G4Seg)"
-    before_after(np.asarray(image), result.coarse, result.prob, result.config.threshold,
-                 refined_title=title).save(files["overlay"])
-    result.generated.save(files["generated"])
+    save_image(before_after(np.asarray(image), result.coarse, result.prob, result.config.threshold,
+                            refined_title=title), files["overlay"])
+    save_image(result.generated, files["generated"])
     report = {"parameters": result.config.to_dict(), **result.summary(), **extra,
               "outputs": {k: str(v) for k, v in files.items()}}
-    files["report"].write_text(json.dumps(report, indent=2))
+    atomic_write_text(files["report"], json.dumps(report, indent=2))
     return report
+
+
+def _item_error(exc: BaseException) -> str:
+    return os_error_message(exc) if isinstance(exc, OSError) else str(exc)
 
 
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
+    from .output_files import atomic_write_text, prepare_output_dir
+    from .softening import uniform_map_warning
+
     config = config_from_args(args)
-    pairs = _pairs(Path(args.image), Path(args.mask))
-    pipe, models = build_pipeline(args, config)
-    out_dir = Path(args.out)
-    reports = []
-    for image_path, mask_path in tqdm(pairs, desc="g4seg refine", unit="image", disable=len(pairs) == 1):
-        image = load_image(image_path, args.convert_rgb)
-        mask = load_mask(mask_path, args)
-        result = pipe.refine(image, mask, args.label, config)
-        extra = {"image": str(image_path), "mask": str(mask_path), "models": models,
-                 "clip": getattr(pipe.clip, "name", "clip")}
-        reports.append(write_outputs(out_dir, image_path.stem, image, result, extra))
-        t = result.timings
-        print(f"{image_path.name}: {result.summary()['changed_pixels']} pixels changed, "
-              f"{t['total']:.2f} s -> {out_dir}/{image_path.stem}_*")
+    folder = Path(args.image).is_dir()
+    pairs, failures = _pairs(Path(args.image), Path(args.mask))
+    out_dir = prepare_output_dir(args.out)
+
+    # Every pair is read and checked before any model loads; a folder run goes on without bad ones.
+    todo, skipped, overwrite = [], [], []
+    for image_path, mask_path in pairs:
+        if args.skip_existing and finished_before(out_dir, image_path, mask_path, args, config):
+            skipped.append(image_path.name)
+            continue
+        try:
+            check_pair(image_path, mask_path, args, config, quiet=True)
+        except (G4SegError, OSError) as exc:
+            if not folder:
+                raise
+            failures[image_path.name] = _item_error(exc)
+            continue
+        todo.append((image_path, mask_path))
+        if output_files(out_dir, image_path.stem)["report"].exists():
+            overwrite.append(image_path.name)
+    if skipped:
+        print(f"skipping {len(skipped)} image(s) already refined in {out_dir} with these parameters "
+              f"(--skip-existing)", file=sys.stderr)
+    if overwrite:
+        print(f"note: overwriting the earlier outputs of {len(overwrite)} image(s) in {out_dir} "
+              f"({', '.join(overwrite[:3])}{', ...' if len(overwrite) > 3 else ''}); --skip-existing keeps "
+              f"finished ones", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} image(s) fail the checks and are skipped (listed at the end)", file=sys.stderr)
+
+    done = []
+    if todo:
+        pipe, models = build_pipeline(args, config)
+        for image_path, mask_path in tqdm(todo, desc="g4seg refine", unit="image", disable=len(todo) == 1):
+            try:
+                image, mask = check_pair(image_path, mask_path, args, config)
+                result = pipe.refine(image, mask, args.label, config)
+                extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
+                         "models": models, "clip": getattr(pipe.clip, "name", "clip")}
+                write_outputs(out_dir, image_path.stem, image, result, extra)
+            except (G4SegError, OSError) as exc:
+                if not folder:
+                    raise
+                failures[image_path.name] = _item_error(exc)
+                tqdm.write(f"{image_path.name}: failed, going on: {failures[image_path.name]}", file=sys.stderr)
+                continue
+            done.append(image_path.name)
+            warning = uniform_map_warning(mask, config.threshold)
+            if warning:
+                print(f"warning: {image_path.name}: {warning}", file=sys.stderr)
+            t = result.timings
+            print(f"{image_path.name}: {result.summary()['changed_pixels']} pixels changed, "
+                  f"{t['total']:.2f} s -> {out_dir}/{image_path.stem}_*")
+    if folder:
+        atomic_write_text(out_dir / RUN_REPORT, json.dumps(
+            {"done": done, "skipped": skipped, "failed": [{"image": k, "error": v} for k, v in sorted(failures.items())]},
+            indent=2))
+        print(f"{len(done)} refined, {len(skipped)} skipped, {len(failures)} failed -> {out_dir / RUN_REPORT}",
+              file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} image(s) failed (fix them and rerun with --skip-existing to do just those):",
+              file=sys.stderr)
+        for name, error in sorted(failures.items()):
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -150,8 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", help="coarse mask: binary/soft PNG (8/16-bit) or .npy; or a folder (same file stems)")
     p.add_argument("--label", required=True, help="class name, e.g. cat (goes into the prompt template)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mask-class", help="MASK is a VOC palette label map: the class (index or VOC name) to refine")
-    p.add_argument("--convert-rgb", action="store_true", help="convert grayscale/RGBA/palette images to RGB")
+    p.add_argument("--mask-class", type=_mask_class,
+                   help="MASK is a label map (palette, colour or grey class indices): the class to refine, an "
+                        "index 0..254 or a VOC name (cat, potted plant)")
+    p.add_argument("--convert-rgb", action="store_true",
+                   help="convert greyscale (8/16-bit, float)/RGBA/palette images to RGB")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip images whose outputs an earlier run with the same parameters completed "
+                        "(rerun a folder after fixing its failures)")
     add_model_arguments(p)
     add_config_arguments(p)
     p.set_defaults(func=cmd_refine)
@@ -172,16 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     add_eval_parser(sub)
+    add_segment_parser(sub)
     return parser
 
 
+def _mask_class(text: str) -> int:
+    from .palettes import parse_class_choice
+
+    try:
+        return parse_class_choice(text)
+    except G4SegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status: 0 done; 1 a folder run or eval finished but some images failed (listed); 2 error."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # our own process never talks to a hub
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except G4SegError as exc:
         print(f"g4seg: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder we could not read or write: one line, no traceback
+        print(f"g4seg: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -43,8 +43,11 @@ class Backend(Protocol):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
-    def prompt(self, prompt: str, label: Optional[str]) -> Tuple[Any, List[int]]:
-        """(encoded prompt, positions of the label's tokens in it; [] when label is None)."""
+    def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1) -> Tuple[Any, List[int]]:
+        """(encoded prompt, positions of the label's tokens in it; [] when label is None).
+
+        `occurrences`: how many '{}' the template has; the label's last that many matches are all
+        injected (a template with two '{}' injects both)."""
 
     def denoise(self, latents: torch.Tensor, noise: torch.Tensor, prompts: Sequence[Any],
                 settings: Sequence[Optional[InjectionSettings]], config: G4SegConfig,
@@ -230,7 +233,7 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
         prob, softening = prepare_mask(mask, context, config)
         prompt = config.prompt_for(label)
         if prompt not in encoded:
-            encoded[prompt] = backend.prompt(prompt, label)
+            encoded[prompt] = backend.prompt(prompt, label, occurrences=config.prompt_template.count("{}"))
         probs.append(prob)
         softenings.append(softening)
         prompts.append(prompt)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Union
+import os
+from typing import Mapping, Tuple, Union
 
 import numpy as np
 
 from .errors import G4SegError
 from .masks import as_numpy, validate_probability
+
 IGNORE_INDEX = 255
 
 
@@ -57,13 +59,13 @@ def class_probability_from_label_map(labels, class_index: Union[int, str]) -> np
     this class): they are usually object borders or unlabelled pixels, and refinement
     decides them from the image. Asking for class 255 itself is an error.
     """
-    from .palettes import voc_class_index
+    from .palettes import parse_class_choice
 
     arr = as_numpy(labels)
     if arr.ndim != 2:
         raise G4SegError(f"label map has shape {tuple(arr.shape)}; a single [H, W] map is needed")
     if isinstance(class_index, str):
-        idx = voc_class_index(class_index)
+        idx = parse_class_choice(class_index)
     else:
         idx = int(class_index)
     if idx == IGNORE_INDEX:
@@ -71,3 +73,37 @@ def class_probability_from_label_map(labels, class_index: Union[int, str]) -> np
     if not 0 <= idx <= 254:
         raise G4SegError(f"class index {idx}: use 0..254")
     return (arr == idx).astype(np.float32)
+
+
+# A greyscale file with more distinct values than this is a soft mask, not class indices.
+_MAX_LABEL_VALUES = 64
+
+
+def class_probability_from_file(path, class_choice: Union[int, str]) -> Tuple[np.ndarray, str]:
+    """(binary map of one class, description) from a label-map file; the class must be present.
+
+    A greyscale image that holds many grey levels, or only 0 and 255, is a mask or a probability
+    map, not a label map: that is said instead of "class not found" or an empty mask.
+    """
+    from .image_files import open_image
+    from .mask_files import load_label_map
+    from .palettes import VOC_CLASSES, parse_class_choice
+
+    path = os.fspath(path)
+    idx = parse_class_choice(class_choice)
+    labels = load_label_map(path)
+    present = [int(v) for v in np.unique(labels)]
+    prob = class_probability_from_label_map(labels, idx)
+    name = VOC_CLASSES[idx] if idx < len(VOC_CLASSES) else f"class {idx}"
+    greyscale = not path.lower().endswith(".npy") and open_image(path, "label map").mode not in ("P", "PA")
+    if greyscale and (len(present) > _MAX_LABEL_VALUES or (set(present) <= {0, IGNORE_INDEX} and not prob.any())):
+        kind = "a binary 0/255 mask" if set(present) <= {0, IGNORE_INDEX} else \
+            f"a greyscale mask with {len(present)} grey levels"
+        raise G4SegError(f"{path!r} is {kind}, not a label map of class indices: refine it as a mask, without a "
+                         f"class (CLI: leave out --mask-class; node: mask_kind 'probability')")
+    if not prob.any():
+        shown = ", ".join(f"{v} ({VOC_CLASSES[v]})" if v < len(VOC_CLASSES) else str(v)
+                          for v in present if v != IGNORE_INDEX)
+        raise G4SegError(f"label map {path!r} has no pixel of class {idx} ({name}); the classes in it are: "
+                         f"{shown or 'none (only ignore pixels)'}. Pick one of those")
+    return prob, f"label map, class {idx} ({name})"

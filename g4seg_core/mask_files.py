@@ -156,15 +156,17 @@ def load_label_map(path: PathLike) -> np.ndarray:
                 f"(indexed) PNG or a grayscale PNG of class indices")
         idx = np.array([lookup[int(u)] for u in uniq], dtype=np.uint8)
         return idx[inverse.reshape(code.shape)]
-    raise G4SegError(f"{path!r} has image mode {mode!r}; save the label map as a palette PNG "
-                     f"or a grayscale PNG of class indices")
+    raise G4SegError(f"{path!r} has image mode {mode!r} (a float image is a probability map, not a label map: "
+                     f"refine it without a class); save a label map as a palette PNG or a grayscale PNG of "
+                     f"class indices")
 
 
 def _check_labels(arr: np.ndarray, path: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise G4SegError(f"label map {path!r} has values in [{arr.min()}, {arr.max()}]; class "
-                         f"indices must be 0..254 (255 = ignore)")
+                         f"indices must be 0..254 (255 = ignore). A 16-bit mask or probability map is not a "
+                         f"label map: refine it without a class")
     return arr.astype(np.uint8)
 
 

@@ -106,9 +106,8 @@ def validate_pair(image_hw: Sequence[int], mask_hw: Sequence[int]) -> None:
         raise G4SegError(
             f"the mask is {mw}x{mh} (width x height) but the image is {iw}x{ih}; the coarse mask "
             f"must cover the image pixel for pixel. Check that the mask belongs to this image, "
-            f"then resize the mask to the image size ({iw}x{ih}), e.g. "
-            f"resize_probability(mask, ({ih}, {iw})), or turn on the option to resize the mask "
-            f"to the image")
+            f"then resize the mask to the image size ({iw}x{ih}) with an image editor, or in Python "
+            f"with g4seg_core.masks.resize_probability(mask, ({ih}, {iw}))")
 
 
 def check_same_framing(image_hw: Sequence[int], mask_hw: Sequence[int], tolerance: float = 0.04) -> None:

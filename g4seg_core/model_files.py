@@ -186,9 +186,17 @@ def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[
         "paper's model. `g4seg selfcheck` runs without any weights.")
 
 
+# Names of image encoders by embedding width: text -> mask prefers the one its text tower pairs with.
+_CLIP_FOR_WIDTH = {512: _CLIP_RANKS[0][0], 768: _CLIP_RANKS[1][0], 1024: _CLIP_RANKS[2][0], 1280: _CLIP_RANKS[3][0]}
+
+
 def find_clip_vision(explicit: Union[str, Path, None] = None,
-                     comfyui_dir: Union[str, Path, None] = None) -> Union[Path, str]:
-    """CLIP image encoder weights: a path, or an 'open_clip-name:path' string kept as given."""
+                     comfyui_dir: Union[str, Path, None] = None, width: Optional[int] = None) -> Union[Path, str]:
+    """CLIP image encoder weights: a path, or an 'open_clip-name:path' string kept as given.
+
+    width: the text tower's embedding width, when the encoder must pair with it (1024 -> ViT-H names
+    first, 1280 -> bigG); an explicit path or $G4SEG_CLIP still wins.
+    """
     from .clip_loading import split_clip_spec
 
     def resolve(value, flag):
@@ -199,7 +207,7 @@ def find_clip_vision(explicit: Union[str, Path, None] = None,
     found, looked = _search(
         explicit, CLIP_ENV, "--clip", resolve, comfyui_dir,
         [("clip_vision", lambda f: _files(f, CLIP_EXTENSIONS), f"no {'/'.join(CLIP_EXTENSIONS)} files")],
-        _CLIP_RANKS, "CLIP vision")
+        ([(_CLIP_FOR_WIDTH[width], -1)] + _CLIP_RANKS) if width in _CLIP_FOR_WIDTH else _CLIP_RANKS, "CLIP vision")
     if found:
         return found
     raise ModelNotFoundError(

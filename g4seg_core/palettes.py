@@ -95,17 +95,42 @@ def voc_class_index(name_or_index: Union[str, int]) -> int:
         raise G4SegError(
             f"VOC class index {idx} is out of range: use 0..{len(VOC_CLASSES) - 1} "
             f"({', '.join(f'{i}={n}' for i, n in enumerate(VOC_CLASSES))})")
-    text = _normalise(name_or_index)
-    if text.isdigit():
-        return voc_class_index(int(text))
-    for candidate in (text, text.replace(" ", "")):
-        if candidate in VOC_CLASSES:
-            return VOC_CLASSES.index(candidate)
-        if candidate in VOC_ALIASES:
-            return VOC_CLASSES.index(VOC_ALIASES[candidate])
+    raw = str(name_or_index).strip()
+    if raw.isdigit():
+        return voc_class_index(int(raw))
+    # Separators (_ - space) only stand between words: 'potted-plant' is found, 'c-a-t' is not.
+    text = _normalise(raw)
+    if text in VOC_CLASSES:
+        return VOC_CLASSES.index(text)
+    if text in VOC_ALIASES:
+        return VOC_CLASSES.index(VOC_ALIASES[text])
     raise G4SegError(
         f"{name_or_index!r} is not a PASCAL VOC class. Valid names: {', '.join(VOC_CLASSES)} "
         f"(aliases such as airplane, tv, motorcycle, couch are accepted), or an index 0..20.")
+
+
+def parse_class_choice(text: Union[str, int]) -> int:
+    """A label-map class typed by a user: an index 0..254 (any label map) or a VOC class name.
+
+    '-1', '2.5', '8x', 'c-a-t' and 255 (the ignore label) are errors, never a guessed class.
+    """
+    if isinstance(text, (int, np.integer)) and not isinstance(text, (bool, np.bool_)):
+        raw = str(int(text))
+    else:
+        raw = str(text).strip()
+    if not raw:
+        raise G4SegError("no class given: use a class index 0..254 or a VOC name such as 'cat'")
+    if raw.isdigit():
+        idx = int(raw)
+        if idx == 255:
+            raise G4SegError("class 255 is the 'ignore' label, not a class: use an index 0..254")
+        if idx > 254:
+            raise G4SegError(f"class index {idx}: label maps hold class indices 0..254 (255 = ignore)")
+        return idx
+    if re.fullmatch(r"[+-]?[\d.eE+-]+", raw):
+        raise G4SegError(f"class {raw!r}: a class index is a whole number 0..254 (or give a VOC name "
+                         f"such as 'cat')")
+    return voc_class_index(raw)
 
 
 # --------------------------------------------------------------------------- ADE20K

@@ -102,18 +102,18 @@ class G4SegPipeline:
                 self._prompt_cache.popitem(last=False)
         return self._prompt_cache[prompt]
 
-    def prompt(self, prompt: str, label: Optional[str]):
+    def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1):
         embedding = self.prompt_embedding(prompt)
         if label is None:
             return embedding, []
         return embedding, find_token_positions(embedding.token_ids, self.components.label_token_ids(label),
-                                               label, prompt)
+                                               label, prompt, occurrences=occurrences)
 
     def token_positions(self, label: str, config: G4SegConfig):
         """(prompt, embedding, class-token positions) of a class name in config's template."""
         label = flow.check_label(label)
         prompt = config.prompt_for(label)
-        embedding, positions = self.prompt(prompt, label)
+        embedding, positions = self.prompt(prompt, label, occurrences=config.prompt_template.count("{}"))
         return prompt, embedding, positions
 
     @torch.no_grad()

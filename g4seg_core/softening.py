@@ -8,7 +8,7 @@ description which softening was used.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -71,12 +71,10 @@ def soften_binary(
             raise G4SegError(
                 "the coarse mask is empty (no foreground pixel), so there is nothing to refine: "
                 "the class was not found by the coarse segmenter (or the wrong class/channel was "
-                "picked). Check the class name/index and the mask, or set allow_trivial to pass "
-                "empty masks through unchanged")
+                "picked): check the class name/index and the mask")
         raise G4SegError(
             "the coarse mask covers the whole image (every pixel is foreground), so there is no "
-            "boundary to refine. Check that the mask is not inverted and belongs to this class, "
-            "or set allow_trivial to pass full masks through unchanged")
+            "boundary to refine: check that the mask is not inverted and belongs to this class")
     if mode == "none":
         return arr, "binary input, not softened (soften='none')"
     width = float(width)
@@ -114,3 +112,18 @@ def prepare_coarse(mask, working_size: int = 512, soften: str = "sdf",
         scale = max(prob.shape) / float(working_size)
         return soften_binary(prob, mode=soften, width=width * scale)
     return prob, "binary input, softening off" if binary else "soft input, not softened"
+
+
+def uniform_map_warning(prob, threshold: float = 0.5) -> Optional[str]:
+    """A sentence when a soft map holds one value everywhere (e.g. 0.5): a defined but empty result.
+
+    Such a map has no boundary, so mixing cannot change it, and the binary output is the whole
+    image or nothing; that is said rather than returned silently.
+    """
+    arr = np.asarray(prob, dtype=np.float32)
+    if arr.size == 0 or float(arr.max()) - float(arr.min()) > 1e-6:
+        return None
+    value = float(arr.flat[0])
+    side = "every pixel foreground" if value >= threshold else "no pixel foreground"
+    return (f"the mask is {value:g} everywhere: it has no boundary, so nothing changes and the binary mask is "
+            f"{side} (threshold {threshold:g}); check that the right file/channel was given")

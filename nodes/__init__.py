@@ -9,6 +9,7 @@ from .densecrf_node import G4SegDenseCRF
 from .inject_nodes import G4SegInjectAttention, G4SegOneStepDenoise
 from .mask_nodes import G4SegLoadCoarseMask, G4SegMaskToSegPalette
 from .refine_node import G4SegRefine
+from .text_to_mask_node import G4SegRefineClasses, G4SegTextToMask
 
 # Node ids are permanent (saved workflows refer to them).
 NODE_CLASS_MAPPINGS = {
@@ -20,6 +21,8 @@ NODE_CLASS_MAPPINGS = {
     "G4SegRefine": G4SegRefine,
     "G4SegMaskToSegPalette": G4SegMaskToSegPalette,
     "G4SegDenseCRF": G4SegDenseCRF,
+    "G4SegTextToMask": G4SegTextToMask,
+    "G4SegRefineClasses": G4SegRefineClasses,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -31,6 +34,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "G4SegRefine": "Refine Mask (G4Seg)",
     "G4SegMaskToSegPalette": "Mask to Seg Palette (G4Seg)",
     "G4SegDenseCRF": "DenseCRF (G4Seg)",
+    "G4SegTextToMask": "Text to Mask (G4Seg)",
+    "G4SegRefineClasses": "Refine Classes (G4Seg)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

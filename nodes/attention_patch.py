@@ -310,7 +310,8 @@ def inject(model, settings: Sequence[InjectionSettings]):
 
 
 def label_positions_from_tokens(prompt_tokens: Dict[str, list], label_tokens: Dict[str, list],
-                                empty_tokens: Dict[str, list], label: str, prompt: str) -> List[int]:
+                                empty_tokens: Dict[str, list], label: str, prompt: str,
+                                occurrences: int = 1) -> List[int]:
     """Class-token positions from ComfyUI `clip.tokenize` outputs (SD1 'l', SD2 'h', SDXL 'g'+'l').
 
     Each value is a list of 77-token chunks of (id, weight[, word_id]) tuples. The label's ids
@@ -330,7 +331,7 @@ def label_positions_from_tokens(prompt_tokens: Dict[str, list], label_tokens: Di
         empty = ids(empty_tokens.get(name, [[]])[:1])
         special = set(empty[:2]) | ({empty[-1]} if empty else set())
         lab = [i for i in ids(label_tokens[name][:1]) if i not in special]
-        found[name] = find_token_positions(ids(chunks), lab, label=label, prompt=prompt)
+        found[name] = find_token_positions(ids(chunks), lab, label=label, prompt=prompt, occurrences=occurrences)
     if not found:
         raise G4SegError("the CLIP tokenizer returned no tokens; connect an SD1.x/SD2.x/SDXL CLIP")
     values = list(found.values())

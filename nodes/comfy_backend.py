@@ -25,12 +25,14 @@ from g4seg_core.injection import InjectionSettings, plain_attention
 from . import attention_patch
 
 
-def class_token_positions(clip, prompt: str, class_name: str) -> Tuple[dict, List[int]]:
-    """Tokenize with the CLIP object's own tokenizer(s); positions of the class name's tokens."""
+def class_token_positions(clip, prompt: str, class_name: str, occurrences: int = 1) -> Tuple[dict, List[int]]:
+    """Tokenize with the CLIP object's own tokenizer(s); positions of the class name's tokens
+    (all of them when the template has `occurrences` > 1 '{}')."""
     tokens = clip.tokenize(prompt)
     label_tokens = clip.tokenize(class_name)
     empty_tokens = clip.tokenize("")
-    positions = attention_patch.label_positions_from_tokens(tokens, label_tokens, empty_tokens, class_name, prompt)
+    positions = attention_patch.label_positions_from_tokens(tokens, label_tokens, empty_tokens, class_name, prompt,
+                                                            occurrences=occurrences)
     return tokens, positions
 
 
@@ -169,10 +171,10 @@ class ComfyBackend:
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.extractor(pixels.clamp(0, 1)).float().cpu()
 
-    def prompt(self, prompt: str, label: Optional[str]) -> Tuple[list, List[int]]:
+    def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1) -> Tuple[list, List[int]]:
         tokens = self.clip.tokenize(prompt)
         positions = [] if label is None else attention_patch.label_positions_from_tokens(
-            tokens, self.clip.tokenize(label), self.clip.tokenize(""), label, prompt)
+            tokens, self.clip.tokenize(label), self.clip.tokenize(""), label, prompt, occurrences=occurrences)
         return encode_tokens(self.clip, tokens), positions
 
     def denoise(self, latents: torch.Tensor, noise: torch.Tensor, prompts: Sequence,

@@ -23,7 +23,7 @@ def encode_prompt(clip, class_name, prompt_template):
     """(prompt, class token positions, CONDITIONING) for the class name in the template."""
     name = class_name_or_error(class_name)
     prompt = fill_prompt(prompt_template, name)
-    tokens, positions = class_token_positions(clip, prompt, name)
+    tokens, positions = class_token_positions(clip, prompt, name, occurrences=prompt_template.count("{}"))
     return prompt, positions, encode_tokens(clip, tokens)
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from g4seg_core import label_maps, mask_files, softening
+from g4seg_core import image_files, label_maps, mask_files, softening
 from g4seg_core import masks as core_masks
 from g4seg_core import palettes as core_palettes
 from g4seg_core.config import SOFTEN_MODES, G4SegConfig
@@ -39,53 +38,57 @@ def input_files() -> List[str]:
 
 
 def resolve_input(name: str) -> str:
+    """The file a mask name refers to: a regular file inside ComfyUI's input (or temp) folder.
+
+    Absolute paths, '..', links leading out, '[output]' files, folders and FIFOs (which would block
+    the prompt worker) are G4SegErrors. Without ComfyUI (Python use, tests) the path is taken as given.
+    """
     try:
         import folder_paths
-        return folder_paths.get_annotated_filepath(name)
     except ImportError:
         return name
+    relative, base = folder_paths.annotated_filepath(name)
+    roots = [os.path.realpath(folder_paths.get_input_directory()), os.path.realpath(folder_paths.get_temp_directory())]
+    if os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
+        raise G4SegError(f"mask file {name!r}: give a file name inside ComfyUI's input folder (upload it), "
+                         "not an absolute path or a path with '..'")
+    path = os.path.realpath(os.path.join(base or folder_paths.get_input_directory(), relative))
+    if not any(path == root or path.startswith(root + os.sep) for root in roots):
+        raise G4SegError(f"mask file {name!r} is outside ComfyUI's input and temp folders: upload it to the "
+                         "input folder")
+    return image_files.check_regular_file(path, "mask")
 
 
 def looks_like_label_map(path: str) -> bool:
     """Palette PNGs and colour (R != G != B) images are label maps; greyscale images are probabilities."""
     if path.lower().endswith(".npy"):
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = np.load(image_files.check_regular_file(path, "mask"), mmap_mode="r", allow_pickle=False)
         return np.issubdtype(arr.dtype, np.integer) and arr.size > 0 and int(arr.max()) > 1
-    from PIL import Image
-    with Image.open(path) as img:
-        if img.mode in ("P", "PA"):
-            return True
-        if img.mode in ("RGB", "RGBA"):
-            rgb = np.asarray(img.convert("RGB"))
-            return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+    img = image_files.open_image(path, "mask")
+    if img.mode in ("P", "PA"):
+        return True
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"))
+        return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
     return False
-
-
-def parse_class_choice(value: str):
-    v = (value or "").strip()
-    if not v:
-        raise G4SegError("this mask is a label map: set class_index_or_name to the class to refine "
-                         "(a VOC name such as 'cat' or an index such as 8)")
-    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def load_mask_file(path: str, mask_kind: str, class_choice: str) -> Tuple[np.ndarray, str]:
     if mask_kind not in MASK_KINDS:
         raise G4SegError(f"mask_kind {mask_kind!r}: choose one of {MASK_KINDS}")
-    if not os.path.exists(path):
-        raise G4SegError(f"mask file not found: {path!r}; upload it to ComfyUI's input folder")
+    image_files.check_regular_file(path, "mask")
     label = mask_kind == "label_map" or (mask_kind == "auto" and looks_like_label_map(path))
     if label:
-        cls = parse_class_choice(class_choice)
-        labels = mask_files.load_label_map(path)
-        prob = label_maps.class_probability_from_label_map(labels, cls)
-        return prob, f"label map, class {cls!r}"
+        if not (class_choice or "").strip():
+            raise G4SegError("this mask is a label map: set class_index_or_name to the class to refine "
+                             "(a VOC name such as 'cat' or an index 0..254 such as 8)")
+        return label_maps.class_probability_from_file(path, class_choice)
     return mask_files.load_probability(path), "probability map"
 
 
 def soften(prob: np.ndarray, mode: str, width: float) -> Tuple[torch.Tensor, str]:
     soft, desc = softening.soften_binary(prob, mode=mode, width=float(width))
-    return torch.from_numpy(np.ascontiguousarray(soft, dtype=np.float32)), desc
+    return torch.from_numpy(np.array(soft, dtype=np.float32, order="C")), desc  # a writable copy
 
 
 def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, soften_mode: str, soften_width: float,
@@ -106,9 +109,11 @@ def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, softe
     out, notes = [], []
     for prob, what in sources:
         check_interrupt()
-        soft, desc = soften(core_masks.validate_probability(prob, name=what), soften_mode, soften_width)
+        prob = core_masks.validate_probability(prob, name=what)
+        soft, desc = soften(prob, soften_mode, soften_width)
         out.append(soft)
-        notes.append(f"{what}; {desc}")
+        warning = softening.uniform_map_warning(prob)  # said, not silently refined to nothing
+        notes.append(f"{what}; {desc}" + (f"; warning: {warning}" if warning else ""))
         bar.update(1)
     text = notes[0] if len(set(notes)) == 1 else "\n".join(f"[{i}] {n}" for i, n in enumerate(notes))
     return stack_masks(out), text
@@ -139,11 +144,11 @@ class G4SegLoadCoarseMask:
 
     @classmethod
     def IS_CHANGED(cls, image, *args, **kwargs):
+        # size and modification time: never reads the file (large files, FIFOs)
         try:
-            path = resolve_input(image)
-            with open(path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
-        except Exception:
+            st = os.stat(resolve_input(image))
+            return f"{image}:{st.st_size}:{st.st_mtime_ns}"
+        except (G4SegError, OSError):
             return image
 
     @classmethod
@@ -151,11 +156,9 @@ class G4SegLoadCoarseMask:
         if image in ("", "(none)"):
             return True
         try:
-            import folder_paths
-            if not folder_paths.exists_annotated_filepath(image):
-                return f"Invalid mask file: {image}"
-        except ImportError:
-            pass
+            resolve_input(image)
+        except G4SegError as exc:
+            return f"Invalid mask file: {exc}"
         return True
 
     def load(self, image, mask_kind, class_index_or_name, soften, soften_width, mask=None, mask_image=None):

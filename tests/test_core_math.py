@@ -79,6 +79,24 @@ def test_token_positions_subsequence():
         find_token_positions(prompt, [])
 
 
+def test_template_with_two_slots_injects_both():
+    # "a {} next to a {}" with cat = [2368]: both slots, not only the last
+    prompt = [49406, 320, 2368, 1131, 531, 320, 2368, 49407]
+    assert find_token_positions(prompt, [2368]) == [6]
+    assert find_token_positions(prompt, [2368], occurrences=2) == [2, 6]
+    assert find_token_positions([49406, 5, 7, 8, 9, 7, 8, 49407], [7, 8], occurrences=2) == [2, 3, 5, 6]
+
+
+def test_pipeline_injects_every_slot_of_the_template():
+    from g4seg_core.config import G4SegConfig
+    from g4seg_core.pipeline import G4SegPipeline
+
+    pipe = G4SegPipeline.tiny()
+    one = pipe.token_positions("cat", G4SegConfig(prompt_template="a photo of a {}"))[2]
+    two = pipe.token_positions("cat", G4SegConfig(prompt_template="a {} sitting next to a {}"))[2]
+    assert len(one) >= 1 and len(two) == 2 * len(one) and two[0] < two[-1]
+
+
 # ---- injection (Eq. 3-5) ----------------------------------------------------------------
 def test_grid_for_tokens_and_mask_to_tokens():
     assert injection.grid_for_tokens(64 * 64, 64, 64) == (64, 64)

@@ -14,7 +14,8 @@ from g4seg_core import flow
 from nodes import comfy_backend, common, correspondence_nodes, inject_nodes, mask_nodes
 
 IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4SegCLIPCorrespondence",
-       "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette", "G4SegDenseCRF"]
+       "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette", "G4SegDenseCRF", "G4SegTextToMask",
+       "G4SegRefineClasses"]
 
 # Widget order is permanent (saved workflows store values by position): pin it.
 WIDGET_ORDER = {
@@ -29,6 +30,12 @@ WIDGET_ORDER = {
     "G4SegMaskToSegPalette": ["class_name", "threshold", "background"],
     "G4SegDenseCRF": ["iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
                       "bilateral_compat", "confidence", "threshold"],
+    "G4SegTextToMask": ["classes", "background", "prob_threshold", "templates", "short_side", "window", "stride",
+                        "logit_scale", "sigma", "window_batch"],
+    # "classes" is a forced input socket (forceInput), not a widget
+    "G4SegRefineClasses": ["classes", "timestep", "seed", "emi_mode", "cross_weight", "self_weight", "beta",
+                           "band_low", "band_high", "iterations", "threshold", "size", "soften", "soften_width",
+                           "prompt_template", "area_scale", "schedule", "grid", "direction", "cfg", "negative_prompt"],
 }
 
 

@@ -119,3 +119,18 @@ def test_draw_seg_palette_errors():
         draw_seg_palette(np.zeros((2, 2)), "cat", threshold=1.5)
     with pytest.raises(G4SegError, match="color"):
         draw_seg_palette(np.zeros((2, 2)), None)
+
+
+def test_parse_class_choice_takes_any_index_and_names_and_rejects_nonsense():
+    from g4seg_core.palettes import parse_class_choice
+
+    assert parse_class_choice("37") == 37 and parse_class_choice(" 254 ") == 254 and parse_class_choice(0) == 0
+    assert parse_class_choice("cat") == 8 and parse_class_choice("potted_plant") == 16
+    assert parse_class_choice("Dining-Table") == 11
+    for bad in ("-1", "c-a-t", "2.5", "1e3", "255", "256", "", "giraffe"):
+        with pytest.raises(G4SegError):
+            parse_class_choice(bad)
+    with pytest.raises(G4SegError):
+        voc_class_index("c-a-t")
+    with pytest.raises(G4SegError):
+        voc_class_index("-1")

@@ -40,9 +40,11 @@ def to_transformers(visual):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     layers = len(visual.transformer.resblocks)
-    cfg = CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=layers,
-                           num_attention_heads=2, image_size=visual.image_size[0], patch_size=visual.patch_size[0],
-                           projection_dim=OUT, hidden_act="gelu", layer_norm_eps=1e-5)
+    width, out = visual.proj.shape
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=visual.transformer.resblocks[0].attn.num_heads,
+                           image_size=visual.image_size[0], patch_size=visual.patch_size[0],
+                           projection_dim=out, hidden_act="gelu", layer_norm_eps=1e-5)
     model = CLIPVisionModelWithProjection(cfg).eval()
     sd = {"embeddings.patch_embedding.weight": visual.conv1.weight, "embeddings.class_embedding": visual.class_embedding,
           "embeddings.position_embedding.weight": visual.positional_embedding,

@@ -15,8 +15,8 @@ The recipe (SPEC "Words -> coarse mask"; NACLIP / SCLIP evaluation protocol):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,17 +30,32 @@ from .vocabulary import ClassList, parse_classes, template_set
 
 @dataclass
 class ZeroShotConfig:
-    """Knobs of the words -> coarse-mask segmenter (defaults: the published recipe)."""
+    """Knobs of the words -> coarse-mask segmenter (defaults: the published recipe).
 
-    short_side: int = 336  # image resized so its shorter side is this many px (0: keep the image size)
-    window: int = 224  # sliding-window side, px
-    stride: int = 112  # window step, px
-    logit_scale: float = 40.0
-    sigma: float = DEFAULT_SIGMA  # neighbourhood width, patches
-    background: str = "voc"  # 'voc' (26 stuff words), 'none', or comma-separated words
-    prob_threshold: float = 0.1  # best class probability below this -> background
-    templates: str = "imagenet80"  # 'imagenet80' (recipe) or 'single' ('a photo of a {}.')
-    window_batch: int = 8  # windows per vision-model call (memory vs speed; results do not change)
+    Each knob is declared once, here: `g4seg segment` flags and the node's widgets are generated
+    from these fields (name, default, metadata help).
+    """
+
+    short_side: int = field(default=336, metadata={
+        "help": "image resized so its shorter side is this many px (0: keep the image size)",
+        "min": 0, "max": 4096, "step": 16})
+    window: int = field(default=224, metadata={"help": "sliding-window side, px", "min": 32, "max": 1024, "step": 16})
+    stride: int = field(default=112, metadata={"help": "window step, px (windows overlap and are averaged)",
+                                               "min": 8, "max": 1024, "step": 8})
+    logit_scale: float = field(default=40.0, metadata={"help": "softmax temperature: logits = scale x cosine",
+                                                        "min": 1.0, "max": 200.0, "step": 1.0})
+    sigma: float = field(default=DEFAULT_SIGMA, metadata={"help": "neighbourhood width of the last block, patches",
+                                                          "min": 0.1, "max": 50.0, "step": 0.1})
+    background: str = field(default="voc", metadata={
+        "help": "background words: 'voc' (26 stuff words: sky, wall, tree, ...), 'none', or a comma-separated list"})
+    prob_threshold: float = field(default=0.1, metadata={
+        "help": "pixels whose best class probability is below this become background (0: off)",
+        "min": 0.0, "max": 1.0, "step": 0.01})
+    templates: str = field(default="imagenet80", metadata={
+        "help": "'imagenet80' (the recipe: 80 prompt templates averaged) or 'single' ('a photo of a {}.': 80x less "
+                "text-encoder work, for CPUs)", "choices": ("imagenet80", "single")})
+    window_batch: int = field(default=8, metadata={
+        "help": "windows per vision-model call (memory vs speed; the result does not change)", "min": 1, "max": 64})
 
     def __post_init__(self) -> None:
         for name in ("window", "stride", "window_batch"):
@@ -60,6 +75,17 @@ class ZeroShotConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ZeroShotConfig":
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise G4SegError(f"unknown segmenter setting(s) {unknown}: choose from {sorted(cls.__dataclass_fields__)}")
+        types = {f.name: type(f.default) for f in fields(cls)}
+        try:
+            return cls(**{k: types[k](v) for k, v in values.items()})
+        except (TypeError, ValueError) as exc:
+            raise G4SegError(f"segmenter settings {values}: {exc}") from exc
 
 
 def sliding_windows(height: int, width: int, window: int, stride: int) -> List[Tuple[int, int, int, int]]:
@@ -239,7 +265,7 @@ def _as_chw(image) -> torch.Tensor:
         arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise G4SegError(f"image must be RGB HxWx3, got shape {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()  # a copy: PIL arrays are read-only
         if arr.dtype == np.uint8:
             x = x / 255.0
     if not torch.isfinite(x).all():

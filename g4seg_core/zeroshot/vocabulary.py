@@ -8,7 +8,7 @@ SCLIP / NACLIP query as background on PASCAL VOC.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 from ..errors import G4SegError
 
@@ -46,6 +46,12 @@ STUFF_WORDS: Tuple[str, ...] = (
     "hill", "rail", "fence",
 )
 SYNONYM_SEPARATOR = "|"
+# `--classes voc`: the 20 PASCAL VOC classes in VOC order (labels 1..20 = VOC indices), written as words
+# with a few synonyms of our choosing (the first name of each is what files are named after).
+VOC_CLASS_LIST = ("aeroplane|airplane, bicycle, bird, boat|ship, bottle, bus, car, cat, chair, cow, "
+                  "dining table|table, dog, horse, motorbike|motorcycle, person, potted plant, sheep, sofa|couch, "
+                  "train, tv monitor|television")
+CLASS_LIST_SHORTCUTS = {"voc": VOC_CLASS_LIST}
 
 
 def _norm(word: str) -> str:
@@ -105,12 +111,15 @@ class ClassList:
 def parse_classes(text: str, background="voc") -> ClassList:
     """'cat, sofa|couch, person' -> ClassList; commas or new lines separate classes, '|' synonyms.
 
+    'voc' stands for the 20 PASCAL VOC classes in VOC order (VOC_CLASS_LIST).
+
     Errors: an empty list, an empty synonym, a name given twice (in one class or across classes),
     more than 254 classes (label maps are 8-bit: 0 is background, 255 is "ignore" in VOC). A class that is
     also a background word is dropped from the background words (and reported in `dropped_background`).
     """
     if not isinstance(text, str):
         raise G4SegError(f"the class list must be a string like 'cat, sofa, person', got {type(text).__name__}")
+    text = CLASS_LIST_SHORTCUTS.get(text.strip().lower(), text)
     items = [item for item in text.replace("\n", ",").split(",") if item.strip()]
     if not items:
         raise G4SegError("the class list is empty: give the names to segment, e.g. 'cat, sofa, person' "

@@ -1,0 +1,34 @@
+"""G4SegTextToMask in a real ComfyUI (skipped unless COMFYUI_PATH points to a checkout).
+
+    COMFYUI_PATH=/work/ComfyUI [COMFYUI_PYTHON=/work/venv/bin/python] pytest tests/integration/test_text_to_mask.py
+
+Runs text_to_mask_inprocess.py in ComfyUI's Python: tiny random towers built with ComfyUI's own
+classes (SD2ClipModel, ClipVisionModel) and loaded from the same weights the core reads from files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMFY = os.environ.get("COMFYUI_PATH")
+HERE = os.path.dirname(os.path.abspath(__file__))
+if not COMFY or not os.path.exists(os.path.join(COMFY, "main.py")):
+    pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout", allow_module_level=True)
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+def test_node_equals_core_and_refuses_a_missing_projection(tmp_path):
+    env = dict(os.environ, COMFYUI_PATH=COMFY, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run([PYTHON, os.path.join(HERE, "text_to_mask_inprocess.py"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["missing_text"] == [] and out["missing_vision"] == []
+    assert out["masks"] == [3, 72, 100] and out["label_map"] == [1, 72, 100, 3]
+    assert out["names"] == "cat, potted plant (indoor), person"
+    assert out["prob_max_diff"] < 1e-4  # node == core on the same weights
+    assert out["label_agreement"] > 0.999
+    assert "no text_projection" in out["no_projection"]

@@ -1,0 +1,97 @@
+"""`g4seg segment`: files written, label map = the segmenter's, --refine, and `g4seg eval --coarse` reads the folder."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from g4seg_core.cli import main
+from g4seg_core.errors import G4SegError
+from g4seg_core.mask_files import load_label_map
+
+FAST = ("--selfcheck", "--templates", "single", "--short-side", "64", "--window", "64", "--stride", "32")
+
+
+def _image(path, h=48, w=72, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_segment_writes_label_map_probabilities_overlay_and_report(tmp_path, capsys):
+    img = _image(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(img), "--classes", "cat, sofa|couch, potted plant", "--out", str(out),
+                 "--prob-threshold", "0.2", *FAST]) == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    labels = load_label_map(out / "photo.png")
+    assert labels.shape == (48, 72) and set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert Image.open(out / "photo.png").mode == "P"
+    # raw 16-bit values (load_probability reads a 16-bit map holding only 0 and 1 as a binary mask)
+    probs = np.stack([np.asarray(Image.open(out / f"photo_{n}.png"), np.float64) / 65535
+                      for n in ("cat", "sofa", "potted_plant")])
+    assert probs.shape == (3, 48, 72) and probs.max() <= 1
+    assert (out / "photo_overlay.jpg").is_file()
+    report = json.loads((out / "photo_segment.json").read_text())
+    assert report["parameters"]["prob_threshold"] == 0.2 and report["parameters"]["templates"] == "single"
+    assert report["random_weights"] is True and "meaningless" in report["note"]
+    assert report["synonyms"][1] == ["sofa", "couch"]
+    # the label map is the argmax of the written probabilities where the best one is >= the threshold
+    # (up to 16-bit rounding; background probabilities are not written, so only class pixels are checked)
+    fg = labels > 0
+    assert fg.any()
+    labelled = np.take_along_axis(probs, (labels.astype(int) - 1).clip(0)[None], 0)[0]
+    assert np.all(labelled[fg] >= probs.max(0)[fg] - 2 / 65535)
+    assert np.all(labelled[fg] >= 0.2 - 1 / 65535)
+
+
+def test_segment_refine_and_errors(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _image(folder / "a.png")
+    _image(folder / "b.jpg", 40, 40, seed=1)
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "--classes", "cat, dog", "--out", str(out), "--refine", "--size", "64",
+                 "--prob-threshold", "0", "--background", "none", *FAST]) == 0
+    for stem in ("a", "b"):
+        report = json.loads((out / f"{stem}_segment.json").read_text())
+        assert "selfcheck" in report["refine_models"]
+        refined = load_label_map(out / "refined" / f"{stem}.png")
+        assert refined.shape == load_label_map(out / f"{stem}.png").shape
+        assert report["refine"]["refined_classes"]  # threshold 0: some class is present
+    (folder / "broken.png").write_bytes(b"not a picture")  # a folder run goes on past it, then exits 1
+    assert main(["segment", str(folder), "--classes", "cat", "--out", str(tmp_path / "o2"), *FAST]) == 1
+    assert (tmp_path / "o2" / "a.png").is_file() and (tmp_path / "o2" / "b.png").is_file()
+    assert main(["segment", str(folder / "broken.png"), "--classes", "cat", "--out", str(out), *FAST]) == 2
+    assert main(["segment", str(folder), "--classes", " , ", "--out", str(out), *FAST]) == 2
+    assert main(["segment", str(folder), "--classes", "cat, cat", "--out", str(out), *FAST]) == 2
+    assert main(["segment", str(folder), "--classes", "cat", "--out", str(out), *FAST, "--stride", "500"]) == 2
+
+
+def test_segment_output_is_an_eval_coarse_source(tmp_path):
+    from g4seg_core.evaluation.datasets import VOCStyleDataset
+
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass"):
+        (root / d).mkdir(parents=True)
+    _image(root / "JPEGImages" / "2007_000001.jpg")
+    Image.fromarray(np.zeros((48, 72), np.uint8)).save(root / "SegmentationClass" / "2007_000001.png")
+    out = tmp_path / "coarse"
+    assert main(["segment", str(root / "JPEGImages"), "--classes", "voc", "--out", str(out),
+                 "--prob-threshold", "0", *FAST]) == 0
+    labels = load_label_map(out / "2007_000001.png")
+    data = VOCStyleDataset(root, coarse_dir=str(out))
+    sample = data.load("2007_000001")
+    assert set(sample.coarse) == set(int(c) for c in np.unique(labels) if c > 0)
+    for c, mask in sample.coarse.items():
+        assert np.array_equal(mask > 0.5, labels == c)
+    assert (out / "2007_000001_potted_plant.png").is_file() and (out / "2007_000001_tv_monitor.png").is_file()
+
+
+def test_class_file_names_collide_loudly():
+    from g4seg_core.segment_command import class_file_names
+
+    assert class_file_names(["potted plant", "tv/monitor"]) == ["potted_plant", "tv_monitor"]
+    with pytest.raises(G4SegError, match="collide"):
+        class_file_names(["a b", "a/b"])
