@@ -218,3 +218,27 @@ def test_clip_correspondence_with_stub_extractor():
     corr, vis = correspondence_nodes.clip_correspondence(None, orig, gen, 0, "original_to_generated",
                                                          extractor=_Extractor())
     assert corr.orig_feats.shape == (1, 3, 8, 10) and vis.shape == (1, 64, 80, 3)
+
+
+def test_pack_import_does_not_put_the_pack_folder_on_sys_path(tmp_path):
+    """As ComfyUI loads it: g4seg_core importable by name, but tests/tools/bench not exposed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import importlib.util, sys\n"
+        f"root = {root!r}\n"
+        "spec = importlib.util.spec_from_file_location('ComfyUI_G4Seg', root + '/__init__.py', "
+        "submodule_search_locations=[root])\n"
+        "pack = importlib.util.module_from_spec(spec); sys.modules['ComfyUI_G4Seg'] = pack\n"
+        "spec.loader.exec_module(pack)\n"
+        "assert pack.IMPORT_ERROR is None, pack.IMPORT_ERROR\n"
+        "assert root not in sys.path and root + '/' not in sys.path, sys.path\n"
+        "import g4seg_core; assert g4seg_core.__file__.startswith(root)\n"
+        "for name in ('tests', 'tools', 'bench'):\n"
+        "    assert importlib.util.find_spec(name) is None, name\n"
+        "print('ok', len(pack.NODE_CLASS_MAPPINGS))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
