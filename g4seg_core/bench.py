@@ -19,6 +19,7 @@ import torch
 
 from .config import G4SegConfig
 from .errors import G4SegError
+from .output_files import atomic_write_text
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -126,5 +127,5 @@ def run_bench(args) -> int:
         print(f"batched: {batch} images in {t_batch:.3f} s = {batch / t_batch:.2f} images/s "
               f"({t_batch / batch:.3f} s per image; one at a time: {e2e_time:.3f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=2))
+        atomic_write_text(args.json, json.dumps(numbers, indent=2))
     return 0

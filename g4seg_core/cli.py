@@ -158,6 +158,9 @@ def cmd_refine(args) -> int:
     config = config_from_args(args)
     folder = Path(args.image).is_dir()
     pairs, failures = _pairs(Path(args.image), Path(args.mask))
+    if folder and Path(args.out).resolve() in (Path(args.image).resolve(), Path(args.mask).resolve()):
+        raise G4SegError(f"--out {args.out} is the image or mask folder: the outputs (x_overlay.png ...) would be "
+                         "read as inputs by the next run; give another folder")
     out_dir = prepare_output_dir(args.out)
 
     # Every pair is read and checked before any model loads; a folder run goes on without bad ones.

@@ -31,17 +31,18 @@ _OPEN_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.
 def check_regular_file(path: PathLike, what: str = "image") -> str:
     """The path as a string if it names an existing regular file; else G4SegError saying what it is."""
     path = os.fspath(path)
+    a_what = f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise G4SegError(f"{what} file not found: {path!r}; check the path (relative paths are taken "
-                         f"from the current directory {os.getcwd()!r})") from None
+        where = "" if os.path.isabs(path) else f" (relative paths are taken from the current directory {os.getcwd()!r})"
+        raise G4SegError(f"{what} file not found: {path!r}; check the path{where}") from None
     except OSError as exc:
         raise G4SegError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
-        raise G4SegError(f"{path!r} is a folder, not an {what} file; give the path of a file")
+        raise G4SegError(f"{path!r} is a folder, not {a_what} file; give the path of a file")
     if not stat.S_ISREG(mode):
-        raise G4SegError(f"{path!r} is not a regular file (a pipe, socket or device); give an {what} file")
+        raise G4SegError(f"{path!r} is not a regular file (a pipe, socket or device); give {a_what} file")
     return path
 
 

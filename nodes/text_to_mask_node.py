@@ -161,8 +161,9 @@ class G4SegRefineClasses:
             "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT image encoder for the dense correspondence."}),
             "image": ("IMAGE", {"tooltip": "The image(s) the masks belong to."}),
             "masks": ("MASK", {"tooltip": "One coarse mask per class per image (G4SegTextToMask's masks)."}),
-            "classes": ("STRING", {"default": "cat, sofa, person", "forceInput": True,
-                                   "tooltip": "The class names in the order of the masks (G4SegTextToMask's classes)."}),
+            "classes": ("STRING", {"default": "cat, sofa, person",
+                                   "tooltip": "The class names in the order of the masks: connect G4SegTextToMask's "
+                                              "classes output (or type them, comma-separated)."}),
             **knob_inputs(*REQUIRED_KNOBS),
         }, "optional": knob_inputs(*OPTIONAL_KNOBS)}
 

@@ -253,3 +253,32 @@ def test_uniform_mask_is_said(tmp_path, capsys):
                  str(tmp_path / "o")] + FAST) == 0
     err = capsys.readouterr().err
     assert "warning" in err and "everywhere" in err and "no boundary" in err
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"size": "512"}', "size='512'"), ('{"band": 0.5}', "band=0.5"), ('{"beta": null}', "beta=None"),
+    ('{"timestep": 400.5}', "timestep=400.5"), ('{"size": 512', "cannot read --config"), ("[1, 2]", "JSON list"),
+])
+@pytest.mark.parametrize("command", ["refine", "eval"])
+def test_config_files_with_wrong_types_are_one_line_errors(tmp_path, capsys, model_loads, content, fragment,
+                                                          command):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(content)
+    if command == "refine":
+        _image(tmp_path / "i.png")
+        _mask(tmp_path / "m.png")
+        argv = ["refine", str(tmp_path / "i.png"), str(tmp_path / "m.png"), "--label", "cat", "--selfcheck"]
+    else:
+        argv = ["eval", str(tmp_path), "--protocol", "perturb-0.8", "--methods", "g4seg", "--selfcheck"]
+    assert main(argv + ["--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err
+    assert model_loads == []
+
+
+def test_out_may_not_be_the_input_folder(tmp_path, capsys, model_loads):
+    images, masks = _folders(tmp_path, ("a",))
+    for out in (images, masks):
+        assert main(["refine", str(images), str(masks), "--label", "cat", "--out", str(out)] + FAST) == 2
+        assert "read as inputs" in capsys.readouterr().err
+    assert model_loads == [] and sorted(p.name for p in images.iterdir()) == ["a.png"]

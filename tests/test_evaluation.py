@@ -438,3 +438,20 @@ def test_eval_out_that_cannot_be_a_folder_is_one_line(voc, tmp_path, capsys, kin
     assert run(voc, *BASE, "--out", out) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err and "--out" in err
+
+
+def test_eval_reads_16bit_greyscale_pictures_and_refuses_duplicate_files(tmp_path, capsys):
+    from g4seg_core.evaluation.datasets import VOCStyleDataset
+
+    voc = make_voc(tmp_path / "voc")
+    grey16 = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    (voc / "JPEGImages" / "2007_000000.jpg").unlink()
+    Image.fromarray(grey16).save(voc / "JPEGImages" / "2007_000000.png")
+    Image.new("RGB", (64, 64)).save(voc / "JPEGImages" / "2007_000001.png")  # next to 2007_000001.jpg
+    ds = VOCStyleDataset(voc, split="val", protocol="perturb-0.8")
+    image = ds.load("2007_000000").image
+    np.testing.assert_array_equal(image[..., 1], np.round(grey16 / 257.0).astype(np.uint8))  # not clipped white
+    assert run(voc, *BASE, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "2007_000001: several files" in err and "2007_000001.jpg and 2007_000001.png" in err
+    assert load_summary(tmp_path / "o")["methods"]["none"]["num_images"] == 3

@@ -32,7 +32,6 @@ WIDGET_ORDER = {
                       "bilateral_compat", "confidence", "threshold"],
     "G4SegTextToMask": ["classes", "background", "prob_threshold", "templates", "short_side", "window", "stride",
                         "logit_scale", "sigma", "window_batch"],
-    # "classes" is a forced input socket (forceInput), not a widget
     "G4SegRefineClasses": ["classes", "timestep", "seed", "emi_mode", "cross_weight", "self_weight", "beta",
                            "band_low", "band_high", "iterations", "threshold", "size", "soften", "soften_width",
                            "prompt_template", "area_scale", "schedule", "grid", "direction", "cfg", "negative_prompt"],

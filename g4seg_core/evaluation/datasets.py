@@ -149,6 +149,7 @@ class VOCStyleDataset:
         self.ids = self._list_ids(split)
         if limit is not None:
             self.ids = self.ids[: int(limit)]
+        self._clashes: Dict[str, List[str]] = {}  # id -> files that claim the same role
         self._images = self._index(self.image_dir, IMAGE_EXTS)
         self._gts = self._index(self.gt_dir, MASK_EXTS)
         missing = [i for i in self.ids if i not in self._images or i not in self._gts]
@@ -171,16 +172,18 @@ class VOCStyleDataset:
                         raise G4SegError(f"split file {c} is empty")
                     return ids
             raise G4SegError(f"split {split!r} not found: looked for {candidates[1]} (or a .txt path)")
-        ids = sorted(p.stem for p in self.gt_dir.iterdir() if p.suffix.lower() in MASK_EXTS)
+        ids = sorted({p.stem for p in self.gt_dir.iterdir() if p.suffix.lower() in MASK_EXTS})
         if not ids:
             raise G4SegError(f"no label maps ({', '.join(MASK_EXTS)}) in {self.gt_dir}")
         return ids
 
-    @staticmethod
-    def _index(folder: Path, exts) -> Dict[str, Path]:
+    def _index(self, folder: Path, exts) -> Dict[str, Path]:
         out: Dict[str, Path] = {}
         for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in exts and p.stem not in out:
+            if p.suffix.lower() in exts:
+                if p.stem in out:  # x.jpg + x.png: which one is meant? said for that id, never guessed
+                    self._clashes.setdefault(p.stem, []).append(f"{out[p.stem].name} and {p.name} in {folder}")
+                    continue
                 out[p.stem] = p
         return out
 
@@ -212,6 +215,10 @@ class VOCStyleDataset:
                 continue
             stem = p.stem
             if stem in ids:
+                if stem in self._coarse_maps:
+                    self._clashes.setdefault(stem, []).append(f"{self._coarse_maps[stem].name} and {p.name} in "
+                                                              f"{self.coarse_dir}")
+                    continue
                 self._coarse_maps[stem] = p
                 continue
             matched = False
@@ -220,7 +227,12 @@ class VOCStyleDataset:
                 if sid in ids:
                     c = self.class_index(cls)
                     if c is not None:
-                        self._coarse_probs.setdefault(sid, {})[c] = p
+                        known = self._coarse_probs.setdefault(sid, {})
+                        if c in known:
+                            self._clashes.setdefault(sid, []).append(
+                                f"{known[c].name} and {p.name} (both class {c}) in {self.coarse_dir}")
+                        else:
+                            known[c] = p
                         matched = True
                         break
             if not matched and len(unknown) < 5:
@@ -249,6 +261,9 @@ class VOCStyleDataset:
         """Raise G4SegError if the files of ``sid`` cannot be opened or the sizes disagree."""
         from ..image_files import file_size_hw
 
+        if sid in self._clashes:
+            raise G4SegError(f"{sid}: several files for one role ({'; '.join(self._clashes[sid])}): "
+                             "remove or rename all but one")
         hw = file_size_hw(self._images[sid])
         gt_hw = file_size_hw(self._gts[sid])
         if gt_hw != hw:

@@ -1,0 +1,82 @@
+"""Speed of words -> coarse mask on the full-size ViT-H/14 architecture with random weights (no quality).
+
+    flock /work/heavy.lock python bench/text_to_mask.py [--device cuda] [--json out.json]
+
+Times (median of --repeats): one 224 px window through NACLIP's vision tower, one batch of prompt
+encodings through the 24-layer OpenCLIP-H text tower, and a whole segmentation of a 336x448 image
+(6 windows) with 3 classes. Random weights say nothing about masks; they cost the same time.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def random_fill(module, device, dtype):
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)  # uninitialised memory can hold NaN/denormals, which are slow on CPUs
+    return module.to(dtype).eval()
+
+
+def timed(fn, repeats, sync):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter
+    from g4seg_core.zeroshot.neighbourhood import from_open_clip
+    from g4seg_core.zeroshot.text import OpenCLIPTextTower
+    from g4seg_core.zeroshot.vocabulary import IMAGENET_TEMPLATES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.device("meta"):  # ViT-H/14 (laion2b): 1280 wide, 32 layers, 16 heads; text 1024 wide, 24 layers
+        visual = VisionTransformer(image_size=224, patch_size=14, width=1280, layers=32, heads=16, mlp_ratio=4.0,
+                                   output_dim=1024)
+        text = TextTransformer(width=1024, heads=16, layers=24, mlp_ratio=4.0, output_dim=1024, no_causal_mask=True)
+    features = from_open_clip(random_fill(visual, device, dtype), name="ViT-H/14 (random)")
+    tower = OpenCLIPTextTower(random_fill(text, device, dtype), name="OpenCLIP-H text (random)")
+    out = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        window = torch.rand(1, 3, 224, 224)
+        features(window)  # warm-up
+        out["vision_window_224_s"] = timed(lambda: features(window), args.repeats, sync)
+        prompts = [t.replace("{}", "potted plant") for t in IMAGENET_TEMPLATES[:64]]
+        tower(prompts[:8])
+        out["text_64_prompts_s"] = timed(lambda: tower(prompts), args.repeats, sync)
+        out["text_per_prompt_s"] = out["text_64_prompts_s"] / 64
+        seg = ZeroShotSegmenter(features, tower, ZeroShotConfig(templates="single"))
+        image = torch.rand(3, 336, 448)
+        seg.segment(image, "cat, sofa, person")
+        out["segment_336x448_single_template_cached_text_s"] = timed(
+            lambda: seg.segment(image, "cat, sofa, person"), args.repeats, sync)
+    # the first run of a class list with the recipe's 80 templates also encodes 80 x (classes + 26 words)
+    out["first_run_text_estimate_s_3_classes_imagenet80"] = out["text_per_prompt_s"] * 80 * (3 + 26)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
