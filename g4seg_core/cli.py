@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args
-from .config import G4SegConfig
+from .config import DTYPE_CHOICES, G4SegConfig
 from .errors import G4SegError
 from .output_files import os_error_message
 from .evaluation.cli import add_eval_parser
@@ -152,6 +152,8 @@ def _item_error(exc: BaseException) -> str:
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
+    from .precision import dtype_name
+
     from .output_files import atomic_write_text, prepare_output_dir
     from .softening import uniform_map_warning
 
@@ -197,7 +199,8 @@ def cmd_refine(args) -> int:
                 image, mask = check_pair(image_path, mask_path, args, config)
                 result = pipe.refine(image, mask, args.label, config)
                 extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
-                         "models": models, "clip": getattr(pipe.clip, "name", "clip")}
+                         "models": models, "clip": getattr(pipe.clip, "name", "clip"),
+                         "dtype_used": dtype_name(pipe.dtype), "dtype_reason": pipe.dtype_reason}
                 write_outputs(out_dir, image_path.stem, image, result, extra)
             except (G4SegError, OSError) as exc:
                 if not folder:
@@ -283,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="per-stage time and memory on a full-size SD2.1-architecture model")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="default: float16 on a GPU, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="default auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, else float32")
+    p.add_argument("--reference", default="float32", choices=("float32", "none"),
+                   help="when the dtype is not float32, also run float32 on the same weights in the same run: "
+                        "time ratio per stage and agreement of the outputs (default float32; none skips it)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch", type=int, default=None,
@@ -308,7 +314,8 @@ def _mask_class(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Exit status: 0 done; 1 a folder run or eval finished but some images failed (listed); 2 error."""
+    """Exit status: 0 done; 1 a folder run or eval finished but some images failed (listed); 2 error;
+    130 interrupted (Ctrl-C)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # our own process never talks to a hub
     args = build_parser().parse_args(argv)
     try:
@@ -319,6 +326,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # a file or folder we could not read or write: one line, no traceback
         print(f"g4seg: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are atomic: what is on disk is whole
+        print("g4seg: interrupted; finished outputs are kept (rerun `refine` with --skip-existing, or the same "
+              "`eval` command, to go on)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

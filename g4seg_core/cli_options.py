@@ -82,19 +82,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_pipeline(args, config: G4SegConfig):
     from .pipeline import G4SegPipeline
+    from .precision import dtype_name
 
     if args.selfcheck:
         print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu"), "selfcheck (random weights)"
+        return G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype), "selfcheck (random weights)"
     try:
         pipe = G4SegPipeline.from_pretrained(args.checkpoint, clip=args.clip, comfyui_dir=args.comfyui_dir,
                                              family=args.family, device=args.device, dtype=config.dtype)
         files = ", ".join(str(f) for f in pipe.components.files)
-        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}", file=sys.stderr)
+        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}; "
+              f"{dtype_name(pipe.dtype)} ({pipe.dtype_reason})", file=sys.stderr)
         return pipe, "weights: " + files
     except ModelNotFoundError as exc:
         if not args.selfcheck_if_missing:
             raise
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
         print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu"), "selfcheck (random weights; no weights found)"
+        return (G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype),
+                "selfcheck (random weights; no weights found)")

@@ -21,7 +21,10 @@ EMI_MODES = ("additive", "densediffusion", "off")
 EMI_SCHEDULES = ("constant", "t5")
 DIRECTIONS = ("original_to_generated", "generated_to_original")
 SOFTEN_MODES = ("sdf", "blur", "none")
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Dense CLIP features for the correspondence: the CLIP's own last block, or NACLIP's (zeroshot.neighbourhood)
+CLIP_FEATURE_MODES = ("last_layer", "naclip")
+# "auto": bfloat16 on CPUs with native bf16, float16 on CUDA, float32 elsewhere (precision.py)
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
 def fill_prompt(template: str, label: str) -> str:
@@ -118,6 +121,10 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("direction", "choice", "original_to_generated", "Correspondence direction: original_to_generated (for each "
          "original location, where its content went; default) or generated_to_original (Eq. 8 read literally).",
          choices=DIRECTIONS),
+    Knob("clip_features", "choice", "last_layer", "Dense CLIP features for the correspondence: last_layer (the "
+         "CLIP's own last block, as the paper) or naclip (NACLIP's last block: keys against keys plus a Gaussian "
+         "neighbourhood, no residual/MLP; patch tokens localise better; not yet measured for G4Seg).",
+         choices=CLIP_FEATURE_MODES),
     Knob("beta", "float", 0.8, "Weight of the original probability in the mix (paper: 0.8 open-vocabulary, "
          "0.9 weakly supervised).", min=0.0, max=1.0, step=0.01),
     Knob("band", "band", (0.2, 0.6), "Coarse filtering: only pixels with low <= S <= high are updated "
@@ -133,7 +140,8 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("bg_power", "float", 1.0, "Background channel (1 - max S)^p in the multi-class fusion.", min=0.0,
          rule=_positive_rule),
     # Engine.
-    Knob("dtype", "choice", "float32", "Model dtype (float16 / bfloat16 on GPUs).", choices=DTYPE_NAMES),
+    Knob("dtype", "choice", "auto", "Model dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, "
+         "else float32.", choices=DTYPE_CHOICES),
     Knob("device", "optional_str", None, "cpu, cuda, cuda:1 ... (default: cuda if available)."),
 )
 KNOB_BY_NAME: Dict[str, Knob] = {k.name: k for k in KNOBS}

@@ -21,10 +21,9 @@ from .errors import G4SegError
 from .flow import ImageContext, RefineResult
 from .injection import InjectionSettings
 from .label_maps import fuse_multiclass
+from .precision import resolve_dtype
 from .schedule import add_noise, alpha_bar_at, predict_x0
 from .tokens import find_token_positions
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -35,37 +34,40 @@ class MultiRefineResult:
 
 
 class G4SegPipeline:
-    def __init__(self, components, clip, device: Optional[str] = None, dtype="float32"):
+    def __init__(self, components, clip, device: Optional[str] = None, dtype="auto"):
+        """`dtype`: "auto" (precision.resolve_dtype), a dtype name or a torch dtype; `dtype_reason` says why."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        choice = resolve_dtype(dtype, self.device, components.family)
+        self.dtype, self.dtype_reason = choice.dtype, choice.reason
         self.components = components.to(self.device, self.dtype)
-        self.clip = clip.to(self.device, self.dtype if self.device.type == "cuda" else torch.float32)
+        self.clip = clip.to(self.device, self.dtype)
         self._prompt_cache: "OrderedDict[str, object]" = OrderedDict()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, checkpoint=None, clip=None, comfyui_dir=None, family=None,
-                        device=None, dtype="float32") -> "G4SegPipeline":
+                        device=None, dtype="auto") -> "G4SegPipeline":
         """Load from files on disk (never downloads); see model_files for the search order."""
         from .clip_loading import load_clip_vision
         from .sd_loading import load_sd_components
         from .model_files import find_checkpoint, find_clip_vision
 
-        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        load_dtype = resolve_dtype(dtype, device).dtype  # before the files are read: a wrong choice fails first
         ckpt = find_checkpoint(checkpoint, comfyui_dir)
         clip_path = find_clip_vision(clip, comfyui_dir)
-        components = load_sd_components(ckpt, family=family, dtype=torch_dtype, device="cpu")
+        components = load_sd_components(ckpt, family=family, dtype=load_dtype, device="cpu")
         clip_model = load_clip_vision(clip_path, device="cpu")
-        return cls(components, clip_model, device=device, dtype=torch_dtype)
+        return cls(components, clip_model, device=device, dtype=dtype)
 
     @classmethod
     def tiny(cls, family: str = "sd21", prediction_type: str = "epsilon", seed: int = 0,
-             device: str = "cpu") -> "G4SegPipeline":
+             device: str = "cpu", dtype="float32") -> "G4SegPipeline":
         """Random-weight tiny models: checks the installation and the plumbing, not the result."""
         from .tiny import tiny_clip_features, tiny_sd_components
 
         return cls(tiny_sd_components(family=family, prediction_type=prediction_type, seed=seed),
-                   tiny_clip_features(seed=seed), device=device)
+                   tiny_clip_features(seed=seed), device=device, dtype=dtype)
 
     # ---- the backend interface of flow.py ---------------------------------------------------
     def sync(self) -> None:
@@ -82,7 +84,7 @@ class G4SegPipeline:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
         latent = vae.encode((pixels.to(self.device) * 2 - 1).to(vae.dtype)).latent_dist.mean
-        return latent * self.components.vae_scaling_factor
+        return latent.float() * self.components.vae_scaling_factor  # latents between stages stay float32
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,13 @@ class G4SegPipeline:
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor, kind: str = "last_layer") -> torch.Tensor:
+        if kind == "naclip":  # the same weights with NACLIP's last block, built once
+            if getattr(self, "_naclip", None) is None:
+                from .zeroshot.neighbourhood import neighbourhood_features
+
+                self._naclip = neighbourhood_features(self.clip)
+            return self._naclip(pixels.to(self.device))
         return self.clip(pixels.to(self.device))
 
     def prompt_embedding(self, prompt: str):

@@ -21,6 +21,7 @@ from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, int
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
 from g4seg_core.injection import InjectionSettings, plain_attention
+from g4seg_core.precision import compute_dtype_for_storage
 
 from . import attention_patch
 
@@ -122,11 +123,14 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
     mean = getattr(clip_vision, "image_mean", None) or CLIP_MEAN
     std = getattr(clip_vision, "image_std", None) or CLIP_STD
     mm.load_model_gpu(clip_vision.patcher)
-    # fp32 inputs, as ComfyUI's own encode_image: the weights may be stored in fp16 (ComfyUI's CPU
-    # default) and its manual-cast layers compute in the input's dtype; fp16 on a CPU is very slow.
-    feats = DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
-                              compute_device=getattr(clip_vision, "load_device", None), compute_dtype=torch.float32)
-    return feats
+    # ComfyUI's manual-cast layers compute in the input's dtype. Its CPU default stores CLIP vision in
+    # fp16, which is very slow to compute in on a CPU: fp32 inputs then, as ComfyUI's own encode_image.
+    # Stored in bf16 (--bf16-text-enc) on a CPU with native bf16, or fp16/bf16 on a GPU: that dtype.
+    device = getattr(clip_vision, "load_device", None)
+    compute = compute_dtype_for_storage(getattr(clip_vision, "dtype", torch.float32),
+                                        device if device is not None else next(outer.parameters()).device)
+    return DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
+                             compute_device=device, compute_dtype=compute)
 
 
 def sample_one_step(model, positive, negative, samples: torch.Tensor, noise: torch.Tensor, timestep: int,
@@ -151,7 +155,7 @@ class ComfyBackend:
 
     def __init__(self, model, clip, vae, clip_vision=None, extractor=None):
         attention_patch.model_family(model)  # fail early on unsupported models
-        self.model, self.clip, self.vae = model, clip, vae
+        self.model, self.clip, self.vae, self.clip_vision = model, clip, vae, clip_vision
         self.extractor = extractor if extractor is not None else comfy_clip_vision_features(clip_vision)
 
     def sync(self) -> None:
@@ -168,8 +172,17 @@ class ComfyBackend:
         return images.permute(0, 3, 1, 2).cpu().clamp(0, 1)
 
     @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.extractor(pixels.clamp(0, 1)).float().cpu()
+    def features(self, pixels: torch.Tensor, kind: str = "last_layer") -> torch.Tensor:
+        extractor = self.extractor
+        if kind == "naclip":  # NACLIP's last block on the same CLIP_VISION (nodes/comfy_zeroshot.py), built once
+            if getattr(self, "_naclip", None) is None:
+                from .comfy_zeroshot import comfy_naclip_features
+
+                if self.clip_vision is None:
+                    raise G4SegError("clip_features 'naclip' needs a CLIP_VISION model")
+                self._naclip = comfy_naclip_features(self.clip_vision)
+            extractor = self._naclip
+        return extractor(pixels.clamp(0, 1)).float().cpu()
 
     def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1) -> Tuple[list, List[int]]:
         tokens = self.clip.tokenize(prompt)

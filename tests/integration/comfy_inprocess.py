@@ -4,7 +4,9 @@
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py bench  CKPT CLIP_VISION [size] [runs]
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py parity CKPT DIFFUSERS_DIR CLIP_VISION
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py drift  CKPT DIFFUSERS_DIR CLIP_VISION TMP
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py lowprec CKPT CLIP_VISION
 
+G4SEG_COMFY_FLAGS="--bf16-unet --bf16-vae" sets ComfyUI switches for the whole run.
 Prints one JSON line with the results.
 """
 
@@ -24,6 +26,19 @@ import comfy.cli_args  # noqa: E402
 
 if not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True
+
+
+def set_comfy_flags(flags):
+    """ComfyUI command-line switches such as --bf16-unet, set as main.py would (read when models load)."""
+    for flag in flags:
+        name = flag.lstrip("-").replace("-", "_")
+        if not isinstance(getattr(comfy.cli_args.args, name, None), bool):
+            raise SystemExit(f"{flag} is not a ComfyUI on/off switch (see python main.py --help)")
+        setattr(comfy.cli_args.args, name, True)
+
+
+# G4SEG_COMFY_FLAGS="--bf16-unet --bf16-vae --bf16-text-enc": run under ComfyUI's low-precision modes
+set_comfy_flags(os.environ.get("G4SEG_COMFY_FLAGS", "").split())
 import comfy.clip_vision  # noqa: E402
 import comfy.sd  # noqa: E402
 
@@ -42,6 +57,18 @@ def load_pack():
 def load_models(ckpt, clip_vision):
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
     return model, clip, vae, comfy.clip_vision.load(clip_vision)
+
+
+def comfy_dtypes(model, clip, vae, cv) -> dict:
+    """The dtypes ComfyUI stores and computes each model in (after its switches) and our CLIP-vision adapter's."""
+    correspondence = sys.modules["g4seg_pack.nodes.correspondence_nodes"]
+    text = {}
+    for p in clip.cond_stage_model.parameters():  # a few small ones (logit_scale...) stay float32
+        text[str(p.dtype)] = text.get(str(p.dtype), 0) + p.numel()
+    return {"unet_weights": str(model.model.get_dtype()), "unet_manual_cast": str(model.model.manual_cast_dtype),
+            "vae": str(vae.vae_dtype), "text_encoder_weights": max(text, key=text.get),
+            "clip_vision_weights": str(cv.dtype),
+            "clip_vision_compute": str(correspondence.comfy_clip_vision_features(cv).dtype)}
 
 
 def chain(ckpt, cv_path):
@@ -104,7 +131,7 @@ def bench(ckpt, cv_path, size=512, runs=2):
                                          stage_timings=stages)
         times.append(time.time() - t)
     return {"size": size, "load_s": load_s, "seconds_per_image": times, "stages_last_run_s": stages[-1],
-            "threads": torch.get_num_threads(), "out": list(r.shape)}
+            "threads": torch.get_num_threads(), "out": list(r.shape), "dtypes": comfy_dtypes(model, clip, vae, cv)}
 
 
 def parity(ckpt, diffusers_dir, cv_path, size=128):
@@ -125,7 +152,7 @@ def parity(ckpt, diffusers_dir, cv_path, size=128):
         prob, binary, generated = refine_node.refine(
             model, clip, vae, cv, torch.from_numpy(image).float()[None] / 255, torch.from_numpy(mask)[None], "cat",
             G4SegConfig(size=size))
-    core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu").refine(
+    core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu", dtype="float32").refine(
         image, mask, "cat", G4SegConfig(size=size))
     core_prob, core_gen = torch.from_numpy(core.prob), torch.from_numpy(np.array(core.generated)).float() / 255
     return {"prob_max_diff": float((prob[0] - core_prob).abs().max()),
@@ -234,6 +261,45 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
     return out
 
 
+def lowprec(ckpt, cv_path, size=64):
+    """G4SegRefine with ComfyUI's defaults, then with --bf16-unet --bf16-vae --bf16-text-enc (models loaded
+    again: ComfyUI reads the switches at load time): the dtypes ComfyUI used and how far the masks moved."""
+    load_pack()
+    from g4seg_core.config import G4SegConfig
+    refine_node = sys.modules["g4seg_pack.nodes.refine_node"]
+    image = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 5: 3 * size // 4] = 1
+    runs = {}
+    for name, flags in (("default", []), ("bf16", ["--bf16-unet", "--bf16-vae", "--bf16-text-enc"])):
+        set_comfy_flags(flags)
+        model, clip, vae, cv = load_models(ckpt, cv_path)
+        seen = set()
+
+        def spy(q, k, v, extra_options, _seen=seen):  # another pack's patch underneath ours: sees q's dtype
+            _seen.add(str(q.dtype))
+            from comfy.ldm.modules.attention import optimized_attention
+            return optimized_attention(q, k, v, extra_options["n_heads"])
+
+        base = model.clone()
+        for block, number, index in sys.modules["g4seg_pack.nodes.attention_patch"].attention_blocks(
+                model.model.diffusion_model):
+            base.set_model_attn2_replace(spy, block, number, index)
+        with torch.inference_mode():
+            prob, binary, generated = refine_node.refine(base, clip, vae, cv, image, mask, "cat",
+                                                         G4SegConfig(size=size))
+        runs[name] = {"prob": prob, "binary": binary, "generated": generated,
+                      "dtypes": dict(comfy_dtypes(model, clip, vae, cv), attention_qkv=sorted(seen))}
+    a, b = runs["default"], runs["bf16"]
+    inter = float((a["binary"].bool() & b["binary"].bool()).sum())
+    union = float((a["binary"].bool() | b["binary"].bool()).sum())
+    return {"dtypes": {k: v["dtypes"] for k, v in runs.items()},
+            "prob_max_diff": float((a["prob"] - b["prob"]).abs().max()),
+            "binary_iou": inter / union if union else 1.0,
+            "generated_rel_err": float((a["generated"] - b["generated"]).norm() / a["generated"].norm()),
+            "finite": bool(torch.isfinite(b["prob"]).all() and torch.isfinite(b["generated"]).all())}
+
+
 def broadcast(ckpt, cv_path):
     """One image with two masks (the image's work is shared) == each mask refined on its own (mask i: seed + i)."""
     load_pack()
@@ -262,6 +328,8 @@ if __name__ == "__main__":
         size = int(sys.argv[4]) if len(sys.argv) > 4 else 512
         runs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
         print(json.dumps(bench(sys.argv[2], sys.argv[3], size, runs)))
+    elif what == "lowprec":
+        print(json.dumps(lowprec(sys.argv[2], sys.argv[3])))
     elif what == "broadcast":
         print(json.dumps(broadcast(sys.argv[2], sys.argv[3])))
     elif what == "drift":

@@ -257,3 +257,13 @@ def test_one_image_many_masks_matches_one_by_one(models):
     res = _inprocess("broadcast", os.path.join(models, "checkpoints", CKPT),
                      os.path.join(models, "clip_vision", CLIP_VISION))
     assert res["shape"] == [2, 64, 64] and max(res["diff"]) < 1e-5, res
+
+
+def test_refine_under_comfyui_bf16_switches(models):
+    """--bf16-unet --bf16-vae --bf16-text-enc: the pack runs, the dtypes are ComfyUI's, the masks stay close."""
+    res = _inprocess("lowprec", os.path.join(models, "checkpoints", CKPT),
+                     os.path.join(models, "clip_vision", CLIP_VISION))
+    low = res["dtypes"]["bf16"]
+    assert low["unet_weights"] == low["vae"] == low["text_encoder_weights"] == "torch.bfloat16", res
+    assert res["finite"], res
+    assert res["prob_max_diff"] < 0.25 and res["binary_iou"] > 0.9, res

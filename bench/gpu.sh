@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# G4Seg on a GPU in one go (a few minutes on an H100/H200-class machine): installs what is
+# missing, runs `g4seg bench --device cuda` (float16 with a float32 reference on the same
+# weights in the same run, batched images per second, peak GPU memory), then the node-vs-core
+# comparison when a ComfyUI checkout is given (COMFYUI_PATH), and prints one summary.
+#
+#   bash bench/gpu.sh                                   # all of it
+#   COMFYUI_PATH=~/ComfyUI bash bench/gpu.sh            # with the ComfyUI node comparison
+#   bash bench/gpu.sh --dry-run                         # print the commands, run nothing
+#   bash bench/gpu.sh --device cpu --size 64 --batch 2 --repeats 1 --no-install   # the non-CUDA parts on a CPU
+#
+# Options: --device DEV (cuda), --dtype D (auto = float16 on CUDA), --size N (512), --batch N (8),
+# --repeats N (3), --out DIR (bench_out/gpu-DATE), --python PY (default: the active venv, else a
+# .venv-gpu made here with the system's packages visible), --checkpoint/--clip FILES for ComfyUI
+# (default: random-weight full-size test models built into OUT), --skip-comfy, --no-install, --dry-run.
+# Random weights cost the same compute as real ones; no weights are downloaded.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEVICE=cuda DTYPE=auto SIZE=512 BATCH=8 REPEATS=3 OUT="" PY="" CKPT="" CLIPV=""
+SKIP_COMFY=0 INSTALL=1 DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --dtype) DTYPE="$2"; shift 2 ;;
+    --size) SIZE="$2"; shift 2 ;;
+    --batch) BATCH="$2"; shift 2 ;;
+    --repeats) REPEATS="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --python) PY="$2"; shift 2 ;;
+    --checkpoint) CKPT="$2"; shift 2 ;;
+    --clip) CLIPV="$2"; shift 2 ;;
+    --skip-comfy) SKIP_COMFY=1; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+OUT="${OUT:-$ROOT/bench_out/gpu-$(date -u +%Y%m%d-%H%M%S)}"
+COMFY="${COMFYUI_PATH:-}"
+if [ -n "$COMFY" ] && [ ! -f "$COMFY/main.py" ]; then
+  echo "gpu.sh: COMFYUI_PATH=$COMFY has no main.py: point it at a ComfyUI checkout or unset it" >&2; exit 2
+fi
+[ "$SKIP_COMFY" = 1 ] && COMFY=""
+if { [ -n "$CKPT" ] && [ -z "$CLIPV" ]; } || { [ -z "$CKPT" ] && [ -n "$CLIPV" ]; }; then
+  echo "gpu.sh: give both --checkpoint and --clip, or neither (random test models are built then)" >&2; exit 2
+fi
+
+run() {  # print, then run unless --dry-run
+  echo "+ $*"
+  [ "$DRY" = 1 ] || "$@"
+}
+
+# ---- Python: the given one, the active venv, or a venv of our own that sees the system's torch
+if [ -z "$PY" ]; then
+  if [ -n "${VIRTUAL_ENV:-}" ]; then
+    PY="$VIRTUAL_ENV/bin/python"
+  else
+    PY="$ROOT/.venv-gpu/bin/python"
+    [ -x "$PY" ] || run python3 -m venv --system-site-packages "$ROOT/.venv-gpu"
+  fi
+fi
+if [ "$INSTALL" = 1 ]; then
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    run "$PY" -m pip install -q torch torchvision  # PyPI's Linux wheels carry CUDA
+  fi
+  run "$PY" -m pip install -q -e "$ROOT"
+  [ -n "$COMFY" ] && run "$PY" -m pip install -q -r "$COMFY/requirements.txt"
+fi
+if [ "$DRY" = 0 ] && [ "${DEVICE%%:*}" = cuda ]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+    echo "gpu.sh: $PY's torch sees no CUDA GPU (torch $("$PY" -c 'import torch; print(torch.__version__)')):" \
+         "install a CUDA build (pip install torch --index-url https://download.pytorch.org/whl/cu124)" \
+         "or pass --device cpu" >&2; exit 2; }
+fi
+run mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- the core: chosen dtype + float32 reference, batched images/s, peak memory
+run "$PY" -m g4seg_core.cli bench --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --batch "$BATCH" \
+    --repeats "$REPEATS" --json "$OUT/core.json"
+
+# ---- the ComfyUI node against the core on the same files
+if [ -n "$COMFY" ]; then
+  if [ -z "$CKPT" ]; then
+    run "$PY" "$ROOT/tools/make_test_comfy_models.py" --size full --models "$OUT/models" --comfyui "$COMFY"
+    CKPT="$OUT/models/checkpoints/g4seg_test_sd21_full.safetensors"
+    CLIPV="$OUT/models/clip_vision/g4seg_test_vitl14.safetensors"
+  fi
+  run env COMFYUI_PATH="$COMFY" "$PY" "$ROOT/bench/compare_comfyui.py" --checkpoint "$CKPT" --clip "$CLIPV" \
+      --comfy-python "$PY" --device "$DEVICE" --size "$SIZE" --rounds 1 --runs 3 --json "$OUT/comfyui.json"
+fi
+
+[ "$DRY" = 1 ] && exit 0
+"$PY" "$ROOT/bench/gpu_summary.py" "$OUT"
