@@ -19,7 +19,7 @@ IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4
 
 # Widget order is permanent (saved workflows store values by position): pin it.
 WIDGET_ORDER = {
-    "G4SegLoadCoarseMask": ["image", "mask_kind", "class_index_or_name", "soften", "soften_width"],
+    "G4SegLoadCoarseMask": ["image", "mask_kind", "class_index_or_name", "soften", "soften_width", "size"],
     "G4SegInjectAttention": ["class_name", "prompt_template", "emi_mode", "cross_weight", "self_weight", "area_scale", "schedule"],
     "G4SegOneStepDenoise": ["timestep", "seed", "cfg"],
     "G4SegCLIPCorrespondence": ["grid", "direction"],
@@ -241,3 +241,21 @@ def test_pack_import_does_not_put_the_pack_folder_on_sys_path(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+def test_load_coarse_mask_softens_like_refine_at_the_same_size():
+    """soften_width means working-size pixels everywhere: with LoadCoarseMask's size = G4SegRefine's size the
+    softening is the refine flow's own (prepare_coarse); size 0 keeps the old meaning (the mask's pixels)."""
+    from g4seg_core.softening import prepare_coarse, soften_binary
+
+    binary = np.zeros((256, 320), np.float32)
+    binary[60:200, 80:260] = 1
+    mask = torch.from_numpy(binary)[None]
+    node = mask_nodes.G4SegLoadCoarseMask()
+    at_512, _ = node.load("", "auto", "", "sdf", 8.0, mask=mask, size=512)
+    flow_prob, _ = prepare_coarse(binary, 512, "sdf", 8.0)
+    np.testing.assert_allclose(at_512[0].numpy(), flow_prob, atol=1e-6)
+    old, _ = node.load("", "auto", "", "sdf", 8.0, mask=mask)
+    np.testing.assert_allclose(old[0].numpy(), soften_binary(binary, "sdf", 8.0)[0], atol=1e-6)
+    with pytest.raises(G4SegError, match="size"):
+        node.load("", "auto", "", "sdf", 8.0, mask=mask, size=100)
