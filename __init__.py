@@ -1,12 +1,12 @@
 """ComfyUI-G4Seg: ComfyUI entry point.
 
-ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS /
-NODE_DISPLAY_NAME_MAPPINGS. Outside ComfyUI (pytest, `pip install`, the `g4seg` CLI)
-importing it must never fail: if the node modules cannot be imported (e.g. torch is
-missing) the mappings are empty and the reason is kept in IMPORT_ERROR.
+ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS,
+NODE_DISPLAY_NAME_MAPPINGS and WEB_DIRECTORY. Only ComfyUI (and our tests) import this
+file: `pip install -e .`, pytest and the `g4seg` CLI use g4seg_core directly. So a failed
+import is raised, never swallowed: ComfyUI then marks the pack IMPORT FAILED and logs the
+cause, instead of showing red "missing" nodes with no reason.
 """
 
-import logging
 import os
 import sys
 
@@ -34,15 +34,15 @@ def _register_core() -> None:
 
 _register_core()
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
-IMPORT_ERROR = None
-
 try:
     # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-except Exception as exc:  # never break the host application
-    IMPORT_ERROR = exc
-    logging.getLogger(__name__).warning("ComfyUI-G4Seg nodes are unavailable: %s", exc)
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+except ImportError as exc:
+    raise ImportError(f"ComfyUI-G4Seg cannot load its nodes: {exc}. Install the missing package into "
+                      f"ComfyUI's Python ({sys.executable} -m pip install -r {os.path.join(_HERE, 'requirements.txt')}; "
+                      "torch comes with ComfyUI)") from exc
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# Page extension (old-layout migration) and per-node help pages (web/docs/<node id>.md).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

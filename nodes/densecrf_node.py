@@ -11,6 +11,7 @@ from g4seg_core.masks import validate_probability
 
 from .common import (CATEGORY, Progress, check_interrupt, check_same_size, image_batch, mask_batch,
                      pair_batches, pick, stack_masks)
+from .preview import with_preview
 
 _D = G4SegConfig()
 
@@ -47,9 +48,10 @@ class G4SegDenseCRF:
                    "(pip install pydensecrf2).")
     CATEGORY = CATEGORY
     FUNCTION = "refine"
-    RETURN_TYPES = ("MASK", "MASK")
-    RETURN_NAMES = ("probability", "binary_mask")
-    OUTPUT_TOOLTIPS = ("CRF foreground marginals in [0, 1].", "Marginals >= threshold.")
+    RETURN_TYPES = ("MASK", "MASK", "IMAGE")
+    RETURN_NAMES = ("probability", "binary_mask", "overlay")
+    OUTPUT_TOOLTIPS = ("CRF foreground marginals in [0, 1].", "Marginals >= threshold.",
+                       "Input mask (red) | CRF result (green) on the image; also shown in the node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -68,5 +70,6 @@ class G4SegDenseCRF:
 
     def refine(self, image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
                bilateral_compat, confidence, threshold):
-        return crf_refine_batch(image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy,
-                                bilateral_srgb, bilateral_compat, confidence, threshold)
+        outputs = crf_refine_batch(image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy,
+                                   bilateral_srgb, bilateral_compat, confidence, threshold)
+        return with_preview(outputs, image, mask, outputs[0], threshold, refined_title="DenseCRF")

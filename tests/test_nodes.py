@@ -60,8 +60,8 @@ def test_root_package_imports_outside_comfyui():
         spec.loader.exec_module(mod)
     finally:
         sys.modules.pop("g4seg_root_pkg", None)
-    assert mod.IMPORT_ERROR is None
     assert sorted(mod.NODE_CLASS_MAPPINGS) == sorted(IDS)
+    assert os.path.isdir(os.path.join(os.path.dirname(mod.__file__), mod.WEB_DIRECTORY, "js"))
 
 
 @pytest.mark.parametrize("node_id", IDS)

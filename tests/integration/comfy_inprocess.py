@@ -48,9 +48,7 @@ def load_pack():
                                                   submodule_search_locations=[ROOT])
     pack = importlib.util.module_from_spec(spec)
     sys.modules["g4seg_pack"] = pack
-    spec.loader.exec_module(pack)
-    if pack.IMPORT_ERROR:
-        raise pack.IMPORT_ERROR
+    spec.loader.exec_module(pack)  # a failed import raises, as it does inside ComfyUI
     return pack
 
 
