@@ -137,12 +137,13 @@ class G4SegLoadCoarseMask:
             "class_index_or_name": ("STRING", {"default": "", "tooltip": "For label maps: the class to refine, a VOC name ('cat', 'person') or an index (8). Ignored for probability maps."}),
             "soften": (list(SOFTEN_MODES), {"default": _D.soften, "tooltip": "How binary masks become probabilities: sdf = sigmoid of the signed distance to the boundary, blur = Gaussian blur, none = keep binary (then nothing is in the update band). Soft masks are never changed."}),
             "soften_width": ("FLOAT", {"default": _D.soften_width, "min": 0.5, "max": 256.0, "step": 0.5, "tooltip": "Softening width in working-size pixels (see size; by default the mask's own pixels). sdf: ~0.12 -> ~0.88 across this distance; blur: sigma = width/2."}),
-        }, "optional": {
-            "mask": ("MASK", {"tooltip": "Use this MASK (batch allowed) instead of the file."}),
-            "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file."}),
+            # appended to required: new widgets of an upload node go there (tests/test_workflows.py)
             **knob_inputs("size", defaults={"size": 0}, tooltips={"size": (
                 "The working size soften_width is measured in: set G4SegRefine's size (e.g. 512) to soften exactly "
                 "as G4SegRefine would; 0 (default, as before) takes the mask's own resolution as the working size.")}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "Use this MASK (batch allowed) instead of the file."}),
+            "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file."}),
         }}
 
     @classmethod
