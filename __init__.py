@@ -1,28 +1,48 @@
 """ComfyUI-G4Seg: ComfyUI entry point.
 
-ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS /
-NODE_DISPLAY_NAME_MAPPINGS. Outside ComfyUI (pytest, `pip install`, the `g4seg` CLI)
-importing it must never fail: if the node modules cannot be imported (e.g. torch is
-missing) the mappings are empty and the reason is kept in IMPORT_ERROR.
+ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS,
+NODE_DISPLAY_NAME_MAPPINGS and WEB_DIRECTORY. Only ComfyUI (and our tests) import this
+file: `pip install -e .`, pytest and the `g4seg` CLI use g4seg_core directly. So a failed
+import is raised, never swallowed: ComfyUI then marks the pack IMPORT FAILED and logs the
+cause, instead of showing red "missing" nodes with no reason.
 """
 
-import logging
 import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # g4seg_core sits next to this file; appended so it shadows nothing
-    sys.path.append(_HERE)
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
-IMPORT_ERROR = None
+
+def _register_core() -> None:
+    """Make the engine next to this file importable as `g4seg_core` (the nodes import it by that name)
+    without putting this folder on sys.path, which would expose tests, tools, bench as top-level names."""
+    if "g4seg_core" in sys.modules:  # already imported (tests, or the pip-installed CLI package)
+        return
+    import importlib.util
+
+    folder = os.path.join(_HERE, "g4seg_core")
+    spec = importlib.util.spec_from_file_location("g4seg_core", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["g4seg_core"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["g4seg_core"]
+        raise
+
+
+_register_core()
 
 try:
     # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-except Exception as exc:  # never break the host application
-    IMPORT_ERROR = exc
-    logging.getLogger(__name__).warning("ComfyUI-G4Seg nodes are unavailable: %s", exc)
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+except ImportError as exc:
+    raise ImportError(f"ComfyUI-G4Seg cannot load its nodes: {exc}. Install the missing package into "
+                      f"ComfyUI's Python ({sys.executable} -m pip install -r {os.path.join(_HERE, 'requirements.txt')}; "
+                      "torch comes with ComfyUI)") from exc
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# Page extension (old-layout migration) and per-node help pages (web/docs/<node id>.md).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

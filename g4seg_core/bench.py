@@ -24,7 +24,7 @@ from .errors import G4SegError
 from .output_files import atomic_write_text
 from .precision import dtype_name, resolve_dtype
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets"
 
 
 def _peak_rss_mib() -> float:

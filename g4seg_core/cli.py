@@ -314,7 +314,8 @@ def _mask_class(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Exit status: 0 done; 1 a folder run or eval finished but some images failed (listed); 2 error."""
+    """Exit status: 0 done; 1 a folder run or eval finished but some images failed (listed); 2 error;
+    130 interrupted (Ctrl-C)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # our own process never talks to a hub
     args = build_parser().parse_args(argv)
     try:
@@ -325,6 +326,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # a file or folder we could not read or write: one line, no traceback
         print(f"g4seg: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are atomic: what is on disk is whole
+        print("g4seg: interrupted; finished outputs are kept (rerun `refine` with --skip-existing, or the same "
+              "`eval` command, to go on)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ EMI_MODES = ("additive", "densediffusion", "off")
 EMI_SCHEDULES = ("constant", "t5")
 DIRECTIONS = ("original_to_generated", "generated_to_original")
 SOFTEN_MODES = ("sdf", "blur", "none")
+# Dense CLIP features for the correspondence: the CLIP's own last block, or NACLIP's (zeroshot.neighbourhood)
+CLIP_FEATURE_MODES = ("last_layer", "naclip")
 # "auto": bfloat16 on CPUs with native bf16, float16 on CUDA, float32 elsewhere (precision.py)
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
@@ -119,6 +121,10 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("direction", "choice", "original_to_generated", "Correspondence direction: original_to_generated (for each "
          "original location, where its content went; default) or generated_to_original (Eq. 8 read literally).",
          choices=DIRECTIONS),
+    Knob("clip_features", "choice", "last_layer", "Dense CLIP features for the correspondence: last_layer (the "
+         "CLIP's own last block, as the paper) or naclip (NACLIP's last block: keys against keys plus a Gaussian "
+         "neighbourhood, no residual/MLP; patch tokens localise better; not yet measured for G4Seg).",
+         choices=CLIP_FEATURE_MODES),
     Knob("beta", "float", 0.8, "Weight of the original probability in the mix (paper: 0.8 open-vocabulary, "
          "0.9 weakly supervised).", min=0.0, max=1.0, step=0.01),
     Knob("band", "band", (0.2, 0.6), "Coarse filtering: only pixels with low <= S <= high are updated "

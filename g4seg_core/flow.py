@@ -58,8 +58,9 @@ class Backend(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Dense CLIP features [B, C, h, w], L2-normalised per location."""
+    def features(self, pixels: torch.Tensor, kind: str = "last_layer") -> torch.Tensor:
+        """Dense CLIP features [B, C, h, w], L2-normalised per location; kind: config.CLIP_FEATURE_MODES
+        ("naclip": NACLIP's last block, g4seg_core.zeroshot.neighbourhood)."""
 
     def sync(self) -> None:
         """Wait for queued device work (so stage timings are the stage's own)."""
@@ -190,7 +191,7 @@ def prepare_images(backend: Backend, images: Sequence, config: G4SegConfig, timi
     with _stage(backend, timings, "vae_encode", progress):
         latents = backend.encode(pixels)
     with _stage(backend, timings, "clip_original", progress):
-        feats = backend.features(pixels)
+        feats = backend.features(pixels, config.clip_features)
     contexts = [ImageContext(latents[i:i + 1], feats[i], sizes[i], work_hw) for i in range(len(tensors))]
     return [contexts[unique[id(image)]] for image in images]
 
@@ -251,7 +252,7 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
     with _stage(backend, timings, "vae_decode", progress):
         generated = resize_image(backend.decode(x0).float(), work_hw)  # VAEs may crop to a multiple of 8
     with _stage(backend, timings, "clip_generated", progress):
-        gen_feats = backend.features(generated)
+        gen_feats = backend.features(generated, config.clip_features)
 
     start = time.perf_counter()
     refined, matches = [], []

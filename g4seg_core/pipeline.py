@@ -95,7 +95,13 @@ class G4SegPipeline:
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor, kind: str = "last_layer") -> torch.Tensor:
+        if kind == "naclip":  # the same weights with NACLIP's last block, built once
+            if getattr(self, "_naclip", None) is None:
+                from .zeroshot.neighbourhood import neighbourhood_features
+
+                self._naclip = neighbourhood_features(self.clip)
+            return self._naclip(pixels.to(self.device))
         return self.clip(pixels.to(self.device))
 
     def prompt_embedding(self, prompt: str):

@@ -155,7 +155,7 @@ class ComfyBackend:
 
     def __init__(self, model, clip, vae, clip_vision=None, extractor=None):
         attention_patch.model_family(model)  # fail early on unsupported models
-        self.model, self.clip, self.vae = model, clip, vae
+        self.model, self.clip, self.vae, self.clip_vision = model, clip, vae, clip_vision
         self.extractor = extractor if extractor is not None else comfy_clip_vision_features(clip_vision)
 
     def sync(self) -> None:
@@ -172,8 +172,17 @@ class ComfyBackend:
         return images.permute(0, 3, 1, 2).cpu().clamp(0, 1)
 
     @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.extractor(pixels.clamp(0, 1)).float().cpu()
+    def features(self, pixels: torch.Tensor, kind: str = "last_layer") -> torch.Tensor:
+        extractor = self.extractor
+        if kind == "naclip":  # NACLIP's last block on the same CLIP_VISION (nodes/comfy_zeroshot.py), built once
+            if getattr(self, "_naclip", None) is None:
+                from .comfy_zeroshot import comfy_naclip_features
+
+                if self.clip_vision is None:
+                    raise G4SegError("clip_features 'naclip' needs a CLIP_VISION model")
+                self._naclip = comfy_naclip_features(self.clip_vision)
+            extractor = self._naclip
+        return extractor(pixels.clamp(0, 1)).float().cpu()
 
     def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1) -> Tuple[list, List[int]]:
         tokens = self.clip.tokenize(prompt)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from g4seg_core.mixing import correspondence_for, update_from_features
 from .comfy_backend import comfy_clip_vision_features
 from .common import (CATEGORY, Progress, check_aspect, check_interrupt, image_batch, knob_inputs,
                      image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
+from .preview import with_preview
 
 CORRESPONDENCE_TYPE = "G4SEG_CORRESPONDENCE"
 
@@ -28,6 +29,7 @@ class G4SegCorrespondence:
     grid: int
     direction: str
     image_size: Tuple[int, int]  # (H, W) of the original image
+    originals: Optional[torch.Tensor] = None  # IMAGE [B, H, W, 3], for Mix Foreground's before/after picture
 
     def __len__(self) -> int:
         return self.orig_feats.shape[0]
@@ -92,7 +94,7 @@ def clip_correspondence(clip_vision, original, generated, grid, direction, extra
         vis.append(match_visualisation(o_img, resize_map(g_img.permute(2, 0, 1), orig_hw).permute(1, 2, 0),
                                        fo, fg, direction, grid))
         bar.update(1)
-    corr = G4SegCorrespondence(torch.stack(of), torch.stack(gf), int(grid), direction, orig_hw)
+    corr = G4SegCorrespondence(torch.stack(of), torch.stack(gf), int(grid), direction, orig_hw, originals=orig)
     return corr, torch.stack(vis).to(intermediate_device())
 
 
@@ -154,9 +156,10 @@ class G4SegMixForeground:
                    "probability lies in [band_low, band_high], repeated `iterations` times.")
     CATEGORY = CATEGORY
     FUNCTION = "mix"
-    RETURN_TYPES = ("MASK", "MASK")
-    RETURN_NAMES = ("refined", "binary")
-    OUTPUT_TOOLTIPS = ("Refined probability map (same size as the input mask).", "refined >= threshold.")
+    RETURN_TYPES = ("MASK", "MASK", "IMAGE")
+    RETURN_NAMES = ("refined", "binary", "overlay")
+    OUTPUT_TOOLTIPS = ("Refined probability map (same size as the input mask).", "refined >= threshold.",
+                       "Coarse mask (red) | refined mask (green) on the original image; also shown in the node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -167,4 +170,5 @@ class G4SegMixForeground:
         }}
 
     def mix(self, mask, correspondence, beta, band_low, band_high, iterations, threshold):
-        return mix_foreground(mask, correspondence, beta, band_low, band_high, iterations, threshold)
+        outputs = mix_foreground(mask, correspondence, beta, band_low, band_high, iterations, threshold)
+        return with_preview(outputs, correspondence.originals, mask, outputs[0], threshold)

@@ -9,8 +9,9 @@ from g4seg_core.config import G4SegConfig
 from g4seg_core.densecrf import dense_crf
 from g4seg_core.masks import validate_probability
 
-from .common import (CATEGORY, Progress, check_interrupt, check_same_size, image_batch, mask_batch,
+from .common import (CATEGORY, Progress, check_interrupt, check_same_size, image_batch, knob_inputs, mask_batch,
                      pair_batches, pick, stack_masks)
+from .preview import with_preview
 
 _D = G4SegConfig()
 
@@ -47,9 +48,10 @@ class G4SegDenseCRF:
                    "(pip install pydensecrf2).")
     CATEGORY = CATEGORY
     FUNCTION = "refine"
-    RETURN_TYPES = ("MASK", "MASK")
-    RETURN_NAMES = ("probability", "binary_mask")
-    OUTPUT_TOOLTIPS = ("CRF foreground marginals in [0, 1].", "Marginals >= threshold.")
+    RETURN_TYPES = ("MASK", "MASK", "IMAGE")
+    RETURN_NAMES = ("probability", "binary_mask", "overlay")
+    OUTPUT_TOOLTIPS = ("CRF foreground marginals in [0, 1].", "Marginals >= threshold.",
+                       "Input mask (red) | CRF result (green) on the image; also shown in the node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -63,10 +65,11 @@ class G4SegDenseCRF:
             "bilateral_srgb": ("FLOAT", {"default": 13.0, "min": 1.0, "max": 255.0, "step": 0.5, "tooltip": "Appearance kernel: colour standard deviation (0-255 RGB)."}),
             "bilateral_compat": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Appearance kernel weight (0 turns it off)."}),
             "confidence": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Trust in the mask: the unary uses c*p + (1-c)/2. 1.0 uses it as is; about 0.8 keeps hard 0/1 masks from pinning every pixel."}),
-            "threshold": ("FLOAT", {"default": _D.threshold, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip": "Threshold for the binary output."}),
+            **knob_inputs("threshold"),
         }}
 
     def refine(self, image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
                bilateral_compat, confidence, threshold):
-        return crf_refine_batch(image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy,
-                                bilateral_srgb, bilateral_compat, confidence, threshold)
+        outputs = crf_refine_batch(image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy,
+                                   bilateral_srgb, bilateral_compat, confidence, threshold)
+        return with_preview(outputs, image, mask, outputs[0], threshold, refined_title="DenseCRF")

@@ -12,6 +12,7 @@ from g4seg_core.config import G4SegConfig
 from .comfy_backend import ComfyBackend
 from .common import (CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch,
                      pair_batches, pick)
+from .preview import with_preview
 
 log = logging.getLogger("g4seg")
 
@@ -56,10 +57,11 @@ class G4SegRefine:
                    "`g4seg refine`: the same weights and seed give the same mask.")
     CATEGORY = CATEGORY
     FUNCTION = "refine"
-    RETURN_TYPES = ("MASK", "MASK", "IMAGE")
-    RETURN_NAMES = ("refined", "binary", "generated")
+    RETURN_TYPES = ("MASK", "MASK", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("refined", "binary", "generated", "overlay")
     OUTPUT_TOOLTIPS = ("Refined probability map at the input mask's size.", "refined >= threshold.",
-                       "The one-step generated image at the working size.")
+                       "The one-step generated image at the working size.",
+                       "Coarse mask (red) | refined mask (green) on the image; also shown in the node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,4 +77,6 @@ class G4SegRefine:
         }, "optional": knob_inputs(*OPTIONAL_KNOBS)}
 
     def refine(self, model, clip, vae, clip_vision, image, mask, class_name, **knobs):
-        return refine(model, clip, vae, clip_vision, image, mask, class_name, G4SegConfig.from_widgets(knobs))
+        config = G4SegConfig.from_widgets(knobs)
+        outputs = refine(model, clip, vae, clip_vision, image, mask, class_name, config)
+        return with_preview(outputs, image, mask, outputs[0], config.threshold)

@@ -166,8 +166,7 @@ def test_outputs_are_atomic_on_interrupt(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(output_files.os, "replace", interrupted_replace)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv + ["--beta", "0.5"])
+    assert main(argv + ["--beta", "0.5"]) == 130
     monkeypatch.setattr(output_files.os, "replace", real_replace)
     assert sorted(p.name for p in out.iterdir()) == sorted(good)   # no temp file left behind
     assert (out / "i_overlay.png").read_bytes() == good["i_overlay.png"]  # the old good file, whole
@@ -282,3 +281,19 @@ def test_out_may_not_be_the_input_folder(tmp_path, capsys, model_loads):
         assert main(["refine", str(images), str(masks), "--label", "cat", "--out", str(out)] + FAST) == 2
         assert "read as inputs" in capsys.readouterr().err
     assert model_loads == [] and sorted(p.name for p in images.iterdir()) == ["a.png"]
+
+
+def test_unwritable_out_is_one_line_before_models(tmp_path, capsys, model_loads, monkeypatch):
+    import g4seg_core.output_files as output_files
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # tests run as root: chmod would not stop us
+
+    monkeypatch.setattr(output_files.tempfile, "mkstemp", denied)
+    _image(tmp_path / "i.png")
+    _mask(tmp_path / "m.png")
+    assert main(["refine", str(tmp_path / "i.png"), str(tmp_path / "m.png"), "--label", "cat",
+                 "--out", str(tmp_path / "o")] + FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write into the folder (Permission denied)" in err
+    assert model_loads == []

@@ -71,14 +71,15 @@ def test_densecrf_node_batch_matches_core_and_checks_inputs():
     img2, gt2, noisy2 = scene(seed=1)
     images = torch.from_numpy(np.stack([img, img2])).float() / 255.0
     masks = torch.from_numpy(np.stack([noisy, noisy2]))
-    prob, binary = node.refine(images, masks, 10, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)
+    prob, binary, overlay = node.refine(images, masks, 10, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)["result"]
     assert prob.shape == binary.shape == (2, 64, 80)
+    assert overlay.shape == (2, 64 + 18, 2 * 80 + 8, 3)  # input | CRF on the image, captions above
     # the node converts IMAGE -> uint8 exactly as a user of the core would
     np.testing.assert_allclose(prob[1].numpy(), dense_crf(img2, noisy2), atol=1e-5)
     assert torch.equal(binary, (prob >= 0.5).float())
     assert iou(prob[0].numpy(), gt) > iou(noisy, gt) + 0.1
     # one mask for a batch of images broadcasts; wrong size / out of range / batch mismatch are errors
-    assert node.refine(images, masks[:1], 2, 3.0, 3.0, 80.0, 13.0, 10.0, 0.8, 0.5)[0].shape == (2, 64, 80)
+    assert node.refine(images, masks[:1], 2, 3.0, 3.0, 80.0, 13.0, 10.0, 0.8, 0.5)["result"][0].shape == (2, 64, 80)
     with pytest.raises(G4SegError, match="resize the mask"):
         node.refine(images, masks[:, :32], 2, 3.0, 3.0, 80.0, 13.0, 10.0, 1.0, 0.5)
     with pytest.raises(G4SegError, match=r"\[0, 1\]"):

@@ -134,8 +134,7 @@ def test_resume_after_interruption_gives_identical_totals(voc, tmp_path, monkeyp
 
     part = tmp_path / "part"
     monkeypatch.setattr(eval_cli, "evaluate_image", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        run(voc, *BASE, "--out", part)
+    assert run(voc, *BASE, "--out", part) == 130  # Ctrl-C: a one-line message, no traceback
     monkeypatch.setattr(eval_cli, "evaluate_image", real)
     assert len((part / "results.jsonl").read_text().splitlines()) == 3
     with open(part / "results.jsonl", "a") as fh:

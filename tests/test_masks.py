@@ -15,7 +15,7 @@ from g4seg_core.masks import from_working_size, is_binary, resize_probability, t
 from g4seg_core.softening import soften_binary
 from g4seg_core.palettes import voc_palette
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def _disk(h=64, w=64, cy=32, cx=32, r=16):

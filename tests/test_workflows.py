@@ -1,10 +1,17 @@
-"""Validate every shipped workflow (workflows/*.json, ComfyUI UI format) without ComfyUI.
+"""Validate every shipped workflow (example_workflows/*.json, ComfyUI UI format) without ComfyUI.
 
 Checks: each node type is ours or a core ComfyUI node listed in CORE_NODES (declarations
 read off ComfyUI 0.8.0's /object_info); every link's type matches the declared output and
 input types; widget values of our nodes are in range / among the choices; every workflow
-has a same-name .jpg thumbnail. The helpers (object_info_from_nodes, ui_to_api,
-validate_workflow) are reused by tests/integration against a live /object_info.
+has a same-name .jpg thumbnail.
+
+This is a quick model of the page for CI without ComfyUI. It is NOT the authority on
+widget order: tests/integration/test_page.py loads every workflow into ComfyUI's real
+page and checks that the page's own prompt (app.graphToPrompt) equals ui_to_api's, so a
+wrong assumption here fails there. What the model encodes (frontend 1.35, read from its
+source): widgets follow /object_info's input_order (required, then optional); an
+`image_upload` combo gets an upload button that is never saved (serialize: false) and is
+skipped when widgets_values are loaded; `control_after_generate` adds one saved value.
 """
 
 import glob
@@ -14,9 +21,11 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")
+# Frontend-only nodes: no server class, never part of the prompt.
+VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 
 # Core ComfyUI nodes the workflows may use: inputs (name, type[+control|+upload], optional), outputs.
 CORE_NODES = {
@@ -116,14 +125,12 @@ def widget_slots(info_node):
             n = 1
             if o.get("control_after_generate") or (t == "INT" and name in SEED_NAMES):
                 n += 1
-            if o.get("image_upload"):
-                n += 1
             out.append((name, spec, n))
     return out
 
 
 def node_widget_values(node, info_node):
-    """{input name: value} from a UI node's widgets_values (skipping control/upload extras)."""
+    """{input name: value} from a UI node's widgets_values (skipping control_after_generate values)."""
     values = list(node.get("widgets_values") or [])
     linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
     out, pos = {}, 0
@@ -136,6 +143,16 @@ def node_widget_values(node, info_node):
     return out, pos, len(values)
 
 
+def widget_default(spec):
+    """The value a widget has before anything is loaded into it."""
+    kind, opts = spec[0], _opts(spec)
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
 def _links(workflow):
     return {l[0]: l for l in workflow.get("links", [])}
 
@@ -145,10 +162,14 @@ def ui_to_api(workflow, object_info):
     links = _links(workflow)
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+        if node.get("mode", 0) in (2, 4) or node["type"] in VIRTUAL_NODES:  # muted / bypassed / frontend-only
             continue
         info = object_info[node["type"]]
         inputs, _, _ = node_widget_values(node, info)
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, spec, _ in widget_slots(info):  # widgets appended after the file was saved keep their default
+            if name not in inputs and name not in linked:
+                inputs[name] = widget_default(spec)
         for inp in node.get("inputs", []):
             if inp.get("link") is None:
                 continue
@@ -167,8 +188,9 @@ def _accepts(declared_in, link_type, out_type):
 
 def validate_workflow(workflow, object_info, check_widgets=True):
     errors = []
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    for node in workflow["nodes"]:
+    graph_nodes = [n for n in workflow["nodes"] if n["type"] not in VIRTUAL_NODES]
+    nodes = {n["id"]: n for n in graph_nodes}
+    for node in graph_nodes:
         if node["type"] not in object_info:
             errors.append(f"node {node['id']}: unknown type {node['type']}")
     if errors:
@@ -200,7 +222,7 @@ def validate_workflow(workflow, object_info, check_widgets=True):
         src_out = nodes[src]["outputs"][sslot]
         if lid not in (src_out.get("links") or []):
             errors.append(f"link {lid}: not listed on {nodes[src]['type']} output {sslot}")
-    for node in workflow["nodes"]:
+    for node in graph_nodes:
         info = object_info[node["type"]]
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
         for sec in ("required",):
@@ -261,7 +283,7 @@ def test_workflow_validates(path):
 
 
 def test_validator_catches_a_type_mismatch():
-    with open(os.path.join(ROOT, "workflows", "g4seg_refine_all_in_one.json")) as f:
+    with open(os.path.join(ROOT, "example_workflows", "g4seg_refine_all_in_one.json")) as f:
         wf = json.load(f)
     info = object_info_from_nodes()
     refine = next(n for n in wf["nodes"] if n["type"] == "G4SegRefine")
@@ -280,3 +302,50 @@ def test_validator_catches_a_type_mismatch():
     r["widgets_values"][0] = ""  # class_name ok as a string, but break timestep:
     r["widgets_values"][1] = 5000
     assert any("outside" in e for e in validate_workflow(worse, info))
+
+
+# ComfyUI serves a pack's templates from the FIRST of these folders that exists (app/custom_node_manager.py).
+TEMPLATE_FOLDER_NAMES = ("example_workflows", "example", "examples", "workflow", "workflows")
+LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "CLIPVisionLoader": "clip_name", "ControlNetLoader": "control_net_name",
+           "LoraLoaderModelOnly": "lora_name"}
+FILE_INPUTS = {"LoadImage": "image", "G4SegLoadCoarseMask": "image"}
+
+
+def test_templates_folder_is_not_shadowed():
+    present = [name for name in TEMPLATE_FOLDER_NAMES if os.path.isdir(os.path.join(ROOT, name))]
+    assert present == ["example_workflows"], f"ComfyUI would serve templates from {present[0]}/"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_says_what_to_upload_and_pick(path):
+    """Input files ship in assets/ and a Note names them; every model file the loaders name is in the Note."""
+    with open(path) as f:
+        wf = json.load(f)
+    notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes, "a Note node must say what to upload and which models to pick"
+    text = "\n".join(str(v) for n in notes for v in n.get("widgets_values", []))
+    info = object_info_from_nodes()
+    for node in wf["nodes"]:
+        if node["type"] in FILE_INPUTS:
+            values, _, _ = node_widget_values(node, info[node["type"]])
+            name = values[FILE_INPUTS[node["type"]]]
+            assert os.path.exists(os.path.join(ROOT, "assets", name)), f"{node['type']} names {name}, not in assets/"
+            assert f"assets/{name}" in text or f"assets folder" in text and name in text, f"the Note does not name {name}"
+        if node["type"] in LOADERS:
+            name = node["widgets_values"][0]
+            assert name in text, f"the Note does not say which file {node['type']} wants ({name})"
+
+
+def test_upload_button_is_the_last_widget_under_every_frontend():
+    """The page adds an upload button for an `image_upload` combo at the end of the widgets: frontend 1.35 after
+    all inputs (input_order: required, then optional), older frontends after the required ones. Old frontends
+    saved its value. With no optional widget on an upload node, both places are the same (last), so saved
+    values keep their positions under any frontend: append new widgets of such nodes to `required`."""
+    from nodes import NODE_CLASS_MAPPINGS
+
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        declared = cls.INPUT_TYPES()
+        if not any(_opts(s).get("image_upload") for s in declared["required"].values()):
+            continue
+        optional_widgets = [n for n, s in declared.get("optional", {}).items() if _type_of(s) in WIDGET_TYPES]
+        assert not optional_widgets, f"{node_id}: optional widgets {optional_widgets} would sit around the upload button"

@@ -391,3 +391,25 @@ def test_load_segmenter_end_to_end_on_tiny_files(tmp_path):
     result = seg.segment(image, "cat, person")
     assert result.probs.shape == (2, 50, 70) and result.labels.shape == (50, 70)
     assert result.summary()["windows"] == len(sg.sliding_windows(96, 134, 64, 32))
+
+
+# ---------------------------------------------------------------------------- correspondence option
+@torch.no_grad()
+def test_clip_features_option_uses_the_naclip_block_for_the_correspondence():
+    from g4seg_core.config import G4SegConfig
+    from g4seg_core.pipeline import G4SegPipeline
+
+    pipe = G4SegPipeline.tiny()
+    pixels = torch.rand(1, 3, 64, 64)
+    plain, naclip = pipe.features(pixels), pipe.features(pixels, "naclip")
+    assert torch.allclose(naclip, nb.neighbourhood_features(pipe.clip)(pixels), atol=1e-6)
+    assert not torch.allclose(plain, naclip, atol=1e-3)
+    assert G4SegConfig().clip_features == "last_layer"  # default unchanged until measured with real weights
+    with pytest.raises(G4SegError):
+        G4SegConfig(clip_features="middle").validate()
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1
+    a = pipe.refine(image, mask, "cat", G4SegConfig(size=64, correspondence_grid=0))
+    b = pipe.refine(image, mask, "cat", G4SegConfig(size=64, correspondence_grid=0, clip_features="naclip"))
+    assert a.prob.shape == b.prob.shape and not np.array_equal(a.prob, b.prob)

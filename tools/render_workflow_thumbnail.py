@@ -1,6 +1,6 @@
 """Draw a shipped workflow's graph as its same-name .jpg thumbnail (960x540).
 
-    python tools/render_workflow_thumbnail.py workflows/g4seg_refine_densecrf.json [...]
+    python tools/render_workflow_thumbnail.py example_workflows/g4seg_refine_densecrf.json [...]
 
 Nodes are boxes at their canvas positions (ours highlighted), links are coloured by type.
 """
@@ -50,11 +50,13 @@ def render(workflow_path: Path) -> Path:
                   fill=LINK_COLOURS.get(kind, (180, 180, 180)), width=2)
     for node in nodes.values():
         x, y = corner(node)
-        ours = node["type"].startswith("G4Seg")
-        draw.rounded_rectangle([x, y, x + BOX[0], y + BOX[1]], radius=4,
-                               fill=(72, 60, 120) if ours else (58, 62, 72),
-                               outline=(200, 180, 255) if ours else (150, 150, 160), width=2)
-        draw.text((x + 6, y + 6), node["type"], fill=(240, 240, 240), font=_font(13))
+        ours, note = node["type"].startswith("G4Seg"), node["type"] in ("Note", "MarkdownNote")
+        fill, outline = ((72, 60, 120), (200, 180, 255)) if ours else ((58, 62, 72), (150, 150, 160))
+        if note:  # the "Start here" note, in the page's note colours
+            fill, outline = (102, 85, 51), (220, 190, 120)
+        draw.rounded_rectangle([x, y, x + BOX[0], y + BOX[1]], radius=4, fill=fill, outline=outline, width=2)
+        draw.text((x + 6, y + 6), node.get("title", node["type"]) if note else node["type"], fill=(240, 240, 240),
+                  font=_font(13))
     out = workflow_path.with_suffix(".jpg")
     canvas.save(out, quality=90)
     return out
