@@ -1,5 +1,4 @@
 import os
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from g4seg_core.distance_transform import euclidean_distance_transform, signed_d
 from g4seg_core.label_maps import class_probability_from_label_map, fuse_multiclass
 from g4seg_core.mask_files import (load_label_map, load_probability, save_binary_png, save_label_map_png,
                                    save_probability_png16)
-from g4seg_core.masks import from_working_size, is_binary, resize_probability, to_working_size, validate_pair, validate_probability
+from g4seg_core.masks import check_same_framing, from_working_size, is_binary, resize_probability, to_working_size, validate_probability
 from g4seg_core.softening import soften_binary
 from g4seg_core.palettes import voc_palette
 
@@ -233,12 +232,14 @@ def test_validate_probability_errors():
         validate_probability(np.array([["a"]]))
 
 
-def test_validate_pair():
-    validate_pair((300, 451), (300, 451))
+def test_check_same_framing():
+    """Any mask resolution with the image's aspect ratio; another framing is an error naming both sizes."""
+    check_same_framing((300, 451), (300, 451))
+    check_same_framing((300, 451), (150, 225))  # half resolution, 0.3 % aspect difference
     with pytest.raises(G4SegError) as e:
-        validate_pair((300, 451), (512, 512))
+        check_same_framing((300, 451), (512, 512))
     msg = str(e.value)
-    assert "512x512" in msg and "451x300" in msg and "resize" in msg
+    assert "512x512" in msg and "451x300" in msg and "aspect ratios differ" in msg
 
 
 def test_is_binary():
@@ -440,3 +441,12 @@ def test_example_assets():
     assert soft.shape == (h, w) and not is_binary(soft)
     for name in ("cat.png", "cat_coarse.png", "cat_coarse_soft.png"):
         assert os.path.getsize(os.path.join(EXAMPLES, name)) < 500_000
+
+
+def test_16bit_probability_of_an_absent_class_round_trips_as_absent(tmp_path):
+    # round(p * 65535) of tiny probabilities is only 0 and 1: it must not be read as a 0/1 binary mask
+    prob = np.array([[0.0, 1e-5], [2e-5, 0.0]], dtype=np.float32)
+    save_probability_png16(prob, tmp_path / "absent.png")
+    back = load_probability(tmp_path / "absent.png")
+    assert back.max() < 1e-4
+    np.testing.assert_allclose(back, prob, atol=1 / 65535)
