@@ -119,9 +119,12 @@ def write_clip_vision(path: str, seed: int, config: dict = VISION_CONFIG, half: 
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed + 1)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
-    if half:
-        model = model.half()
+    if half:  # initialised in float16 straight away: 1.3 GB for ViT-H, not 2.5 GB + a copy
+        torch.set_default_dtype(torch.float16)
+    try:
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    finally:
+        torch.set_default_dtype(torch.float32)
     sd = model.state_dict()
     sd = _prefixed(sd, "vision_model.")
     sd = {k: v for k, v in sd.items() if "position_ids" not in k}
