@@ -11,8 +11,28 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # g4seg_core sits next to this file; appended so it shadows nothing
-    sys.path.append(_HERE)
+
+
+def _register_core() -> None:
+    """Make the engine next to this file importable as `g4seg_core` (the nodes import it by that name)
+    without putting this folder on sys.path, which would expose tests, tools, bench as top-level names."""
+    if "g4seg_core" in sys.modules:  # already imported (tests, or the pip-installed CLI package)
+        return
+    import importlib.util
+
+    folder = os.path.join(_HERE, "g4seg_core")
+    spec = importlib.util.spec_from_file_location("g4seg_core", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["g4seg_core"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["g4seg_core"]
+        raise
+
+
+_register_core()
 
 try:
     # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py

@@ -79,16 +79,17 @@ def _tiny(args, why: str):
 
 def load_models(args, config):
     """(NACLIP features, text tower, description) from the flags; the tiny self-check when asked or missing."""
-    import torch
-
     from .clip_loading import load_clip_vision
     from .model_files import find_checkpoint, find_clip_vision
     from .zeroshot import check_widths, load_text_tower, neighbourhood_features
 
     if args.selfcheck:
         return _tiny(args, "")
+    from .precision import dtype_name, resolve_dtype
+
     device = _device(args)
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    choice = resolve_dtype(args.dtype, device)  # "auto": bfloat16 on CPUs with native bf16, float16 on CUDA
+    dtype = choice.dtype
     try:
         tower, text_source = None, args.text
         if text_source is None and args.clip:
@@ -111,7 +112,8 @@ def load_models(args, config):
         check_widths(tower.width, width, f"text encoder ({tower.name})", f"CLIP vision model ({features.name})")
     print(f"g4seg segment: text {tower.name}; vision {features.name}", file=sys.stderr)
     return features, tower, {"models": "weights", "random_weights": False, "text": str(text_source),
-                             "text_tower": tower.name, "clip": str(clip), "clip_vision": features.name}
+                             "text_tower": tower.name, "clip": str(clip), "clip_vision": features.name,
+                             "device": str(device), "dtype": f"{dtype_name(dtype)} ({choice.reason})"}
 
 
 def _vision_width(features):

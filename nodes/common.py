@@ -6,7 +6,7 @@ ComfyUI conventions: IMAGE is float [B, H, W, C] in [0, 1]; MASK is float [B, H,
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,11 @@ _WIDGET_TYPES = {"int": "INT", "float": "FLOAT", "str": "STRING"}
 
 # --------------------------------------------------------------------------- widgets from the knob table
 
-def knob_inputs(*widget_ids: str) -> dict:
+def knob_inputs(*widget_ids: str, defaults: Optional[dict] = None, tooltips: Optional[dict] = None) -> dict:
     """ComfyUI widget declarations of G4Seg knobs (g4seg_core.config.KNOBS), in the order given.
 
-    Type, default, range, step and tooltip all come from the knob's one declaration.
+    Type, default, range, step and tooltip come from the knob's one declaration; a node may give
+    another default or tooltip where the knob means something node-specific there.
     """
     out = {}
     for widget in widget_ids:
@@ -38,7 +39,9 @@ def knob_inputs(*widget_ids: str) -> dict:
             options.update({k: v for k, v in (("min", knob.min), ("max", knob.max), ("step", knob.step))
                             if v is not None})
         options.update(dict(knob.widget_extra))
-        options["tooltip"] = tooltip
+        options["tooltip"] = (tooltips or {}).get(widget, tooltip)
+        if defaults and widget in defaults:
+            options["default"] = defaults[widget]
         kind = list(knob.choices) if knob.kind == "choice" else _WIDGET_TYPES["float" if knob.kind == "band"
                                                                             else knob.kind]
         out[widget] = (kind, options)

@@ -15,7 +15,7 @@ from g4seg_core.config import SOFTEN_MODES, G4SegConfig
 from g4seg_core.errors import G4SegError
 
 from .common import (CATEGORY, Progress, check_interrupt, image_batch, image_to_mask, intermediate_device,
-                     mask_batch, stack_masks)
+                     knob_inputs, mask_batch, stack_masks)
 
 _D = G4SegConfig()
 MASK_KINDS = ("auto", "probability", "label_map")
@@ -92,9 +92,9 @@ def soften(prob: np.ndarray, mode: str, width: float) -> Tuple[torch.Tensor, str
 
 
 def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, soften_mode: str, soften_width: float,
-                     mask: Optional[torch.Tensor] = None, mask_image: Optional[torch.Tensor] = None):
-    if soften_mode not in SOFTEN_MODES:
-        raise G4SegError(f"soften {soften_mode!r}: choose one of {SOFTEN_MODES}")
+                     mask: Optional[torch.Tensor] = None, mask_image: Optional[torch.Tensor] = None, size: int = 0):
+    # the knobs' own checks; soften_width is in working-size pixels like everywhere (size 0: the mask's own)
+    G4SegConfig.from_widgets({"soften": soften_mode, "soften_width": soften_width, "size": size})
     if mask is not None:
         sources = [(m.clamp(0, 1).cpu().numpy(), "MASK input") for m in mask_batch(mask)]
     elif mask_image is not None:
@@ -110,7 +110,7 @@ def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, softe
     for prob, what in sources:
         check_interrupt()
         prob = core_masks.validate_probability(prob, name=what)
-        soft, desc = soften(prob, soften_mode, soften_width)
+        soft, desc = soften(prob, soften_mode, soften_width * (max(prob.shape) / size if size else 1.0))
         out.append(soft)
         warning = softening.uniform_map_warning(prob)  # said, not silently refined to nothing
         notes.append(f"{what}; {desc}" + (f"; warning: {warning}" if warning else ""))
@@ -136,7 +136,11 @@ class G4SegLoadCoarseMask:
             "mask_kind": (list(MASK_KINDS), {"default": "auto", "tooltip": "auto: palette/colour images are label maps, greyscale ones probabilities; or force one."}),
             "class_index_or_name": ("STRING", {"default": "", "tooltip": "For label maps: the class to refine, a VOC name ('cat', 'person') or an index (8). Ignored for probability maps."}),
             "soften": (list(SOFTEN_MODES), {"default": _D.soften, "tooltip": "How binary masks become probabilities: sdf = sigmoid of the signed distance to the boundary, blur = Gaussian blur, none = keep binary (then nothing is in the update band). Soft masks are never changed."}),
-            "soften_width": ("FLOAT", {"default": _D.soften_width, "min": 0.5, "max": 256.0, "step": 0.5, "tooltip": "Softening width in pixels of the mask (sdf: ~0.12 -> ~0.88 across this distance; blur: sigma = width/2)."}),
+            "soften_width": ("FLOAT", {"default": _D.soften_width, "min": 0.5, "max": 256.0, "step": 0.5, "tooltip": "Softening width in working-size pixels (see size; by default the mask's own pixels). sdf: ~0.12 -> ~0.88 across this distance; blur: sigma = width/2."}),
+            # appended to required: new widgets of an upload node go there (tests/test_workflows.py)
+            **knob_inputs("size", defaults={"size": 0}, tooltips={"size": (
+                "The working size soften_width is measured in: set G4SegRefine's size (e.g. 512) to soften exactly "
+                "as G4SegRefine would; 0 (default, as before) takes the mask's own resolution as the working size.")}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Use this MASK (batch allowed) instead of the file."}),
             "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file."}),
@@ -161,9 +165,9 @@ class G4SegLoadCoarseMask:
             return f"Invalid mask file: {exc}"
         return True
 
-    def load(self, image, mask_kind, class_index_or_name, soften, soften_width, mask=None, mask_image=None):
+    def load(self, image, mask_kind, class_index_or_name, soften, soften_width, mask=None, mask_image=None, size=0):
         return load_coarse_mask(image, mask_kind, class_index_or_name, soften, soften_width, mask=mask,
-                                mask_image=mask_image)
+                                mask_image=mask_image, size=size)
 
 
 # --------------------------------------------------------------------------- seg palette

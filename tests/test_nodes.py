@@ -19,7 +19,7 @@ IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4
 
 # Widget order is permanent (saved workflows store values by position): pin it.
 WIDGET_ORDER = {
-    "G4SegLoadCoarseMask": ["image", "mask_kind", "class_index_or_name", "soften", "soften_width"],
+    "G4SegLoadCoarseMask": ["image", "mask_kind", "class_index_or_name", "soften", "soften_width", "size"],
     "G4SegInjectAttention": ["class_name", "prompt_template", "emi_mode", "cross_weight", "self_weight", "area_scale", "schedule"],
     "G4SegOneStepDenoise": ["timestep", "seed", "cfg"],
     "G4SegCLIPCorrespondence": ["grid", "direction"],
@@ -217,3 +217,44 @@ def test_clip_correspondence_with_stub_extractor():
     corr, vis = correspondence_nodes.clip_correspondence(None, orig, gen, 0, "original_to_generated",
                                                          extractor=_Extractor())
     assert corr.orig_feats.shape == (1, 3, 8, 10) and vis.shape == (1, 64, 80, 3)
+
+
+def test_pack_import_does_not_put_the_pack_folder_on_sys_path(tmp_path):
+    """As ComfyUI loads it: g4seg_core importable by name, but tests/tools/bench not exposed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import importlib.util, sys\n"
+        f"root = {root!r}\n"
+        "spec = importlib.util.spec_from_file_location('ComfyUI_G4Seg', root + '/__init__.py', "
+        "submodule_search_locations=[root])\n"
+        "pack = importlib.util.module_from_spec(spec); sys.modules['ComfyUI_G4Seg'] = pack\n"
+        "spec.loader.exec_module(pack)\n"
+        "assert root not in sys.path and root + '/' not in sys.path, sys.path\n"
+        "import g4seg_core; assert g4seg_core.__file__.startswith(root)\n"
+        "for name in ('tests', 'tools', 'bench'):\n"
+        "    assert importlib.util.find_spec(name) is None, name\n"
+        "print('ok', len(pack.NODE_CLASS_MAPPINGS))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+def test_load_coarse_mask_softens_like_refine_at_the_same_size():
+    """soften_width means working-size pixels everywhere: with LoadCoarseMask's size = G4SegRefine's size the
+    softening is the refine flow's own (prepare_coarse); size 0 keeps the old meaning (the mask's pixels)."""
+    from g4seg_core.softening import prepare_coarse, soften_binary
+
+    binary = np.zeros((256, 320), np.float32)
+    binary[60:200, 80:260] = 1
+    mask = torch.from_numpy(binary)[None]
+    node = mask_nodes.G4SegLoadCoarseMask()
+    at_512, _ = node.load("", "auto", "", "sdf", 8.0, mask=mask, size=512)
+    flow_prob, _ = prepare_coarse(binary, 512, "sdf", 8.0)
+    np.testing.assert_allclose(at_512[0].numpy(), flow_prob, atol=1e-6)
+    old, _ = node.load("", "auto", "", "sdf", 8.0, mask=mask)
+    np.testing.assert_allclose(old[0].numpy(), soften_binary(binary, "sdf", 8.0)[0], atol=1e-6)
+    with pytest.raises(G4SegError, match="size"):
+        node.load("", "auto", "", "sdf", 8.0, mask=mask, size=100)

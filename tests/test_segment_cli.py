@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -95,3 +96,30 @@ def test_class_file_names_collide_loudly():
     assert class_file_names(["potted plant", "tv/monitor"]) == ["potted_plant", "tv_monitor"]
     with pytest.raises(G4SegError, match="collide"):
         class_file_names(["a b", "a/b"])
+
+
+def test_segment_with_weight_files(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from test_zeroshot import _sd2_like_file, tiny_visual
+
+    text_path, _ = _sd2_like_file(tmp_path)
+    vision_path = tmp_path / "tiny_clip_vision.safetensors"
+    save_file({"visual." + k: v.contiguous() for k, v in tiny_visual().state_dict().items()}, str(vision_path))
+    img = _image(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(img), "--classes", "cat, dog", "--out", str(out), "--text", str(text_path),
+                 "--clip", str(vision_path), "--templates", "single", "--short-side", "64", "--window", "64",
+                 "--stride", "32", "--device", "cpu", "--dtype", "auto"]) == 0
+    assert "RANDOM WEIGHTS" not in capsys.readouterr().err
+    report = json.loads((out / "photo_segment.json").read_text())
+    assert report["random_weights"] is False and report["text"] == str(text_path)
+    assert report["clip"] == str(vision_path) and report["dtype"]
+    assert "note" not in report
+    # an SD1-style text file is refused with the CLIP to use
+    sd1 = tmp_path / "sd15.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 8)},
+              str(sd1))
+    assert main(["segment", str(img), "--classes", "cat", "--out", str(out), "--text", str(sd1),
+                 "--clip", str(vision_path)]) == 2
+    assert "clip_vision_h" in capsys.readouterr().err

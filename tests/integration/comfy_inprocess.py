@@ -3,6 +3,7 @@
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py chain  CKPT CLIP_VISION
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py bench  CKPT CLIP_VISION [size] [runs]
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py parity CKPT DIFFUSERS_DIR CLIP_VISION
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py drift  CKPT DIFFUSERS_DIR CLIP_VISION TMP
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py lowprec CKPT CLIP_VISION
 
 G4SEG_COMFY_FLAGS="--bf16-unet --bf16-vae" sets ComfyUI switches for the whole run.
@@ -159,6 +160,106 @@ def parity(ckpt, diffusers_dir, cv_path, size=128):
             "changed_fraction": float((core_prob != torch.from_numpy(core.coarse)).float().mean())}
 
 
+def _v_prediction_copies(model, diffusers_dir, tmp):
+    """The same weights as v-prediction on both sides: ComfyUI's ModelSamplingDiscrete patch, and a diffusers
+    folder whose scheduler config says v_prediction (the models themselves are linked, not copied)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model_v = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    folder_v = os.path.join(tmp, "diffusers_v")
+    os.makedirs(os.path.join(folder_v, "scheduler"), exist_ok=True)
+    for name in os.listdir(diffusers_dir):
+        if name != "scheduler" and not os.path.exists(os.path.join(folder_v, name)):
+            os.symlink(os.path.join(diffusers_dir, name), os.path.join(folder_v, name))
+    scheduler_file = os.path.join(diffusers_dir, "scheduler", "scheduler_config.json")
+    scheduler = json.load(open(scheduler_file)) if os.path.exists(scheduler_file) else {}
+    scheduler["prediction_type"] = "v_prediction"
+    json.dump(scheduler, open(os.path.join(folder_v, "scheduler", "scheduler_config.json"), "w"))
+    return model_v, folder_v
+
+
+def drift(ckpt, diffusers_dir, cv_path, tmp):
+    """Node vs core where the two used to drift: a non-square image both resize, a batch of two images
+    with two masks, CFG > 1, v-prediction; and G4SegRefine vs the `g4seg refine` command on PNG files."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    load_pack()
+    from g4seg_core.config import G4SegConfig
+    from g4seg_core.pipeline import G4SegPipeline
+
+    refine_node = sys.modules["g4seg_pack.nodes.refine_node"]
+    model, clip, vae, cv = load_models(ckpt, cv_path)
+    core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu")
+    rng = np.random.default_rng(0)
+
+    def picture(h, w, box):
+        image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        mask = np.zeros((h, w), np.float32)
+        y0, y1, x0, x1 = (int(f * d) for f, d in zip(box, (h, h, w, w)))
+        mask[y0:y1, x0:x1] = 1
+        return image, mask
+
+    def node(m, images, masks, config):
+        with torch.inference_mode():
+            prob, binary, generated = refine_node.refine(
+                m, clip, vae, cv, torch.from_numpy(np.stack(images)).float() / 255,
+                torch.from_numpy(np.stack(masks)), "cat", config)
+        return prob, generated
+
+    def compare(name, node_out, core_results):
+        prob, generated = node_out
+        core_prob = torch.from_numpy(np.stack([r.prob for r in core_results]))
+        core_gen = torch.from_numpy(np.stack([r.generated_pixels for r in core_results]))
+        changed = float(np.mean([np.mean(r.prob != r.coarse) for r in core_results]))
+        return name, {"prob_max_diff": float((prob - core_prob).abs().max()),
+                      "generated_max_diff": float((generated - core_gen).abs().max()),
+                      "binary_agreement": float(((prob >= 0.5) == (core_prob >= 0.5)).float().mean()),
+                      "changed_fraction": changed}
+
+    out = {}
+    image, mask = picture(240, 320, (0.25, 0.75, 0.2, 0.7))  # 320x240, resized to 128x128 by both
+    config = G4SegConfig(size=128)
+    out.update([compare("non_square_resized", node(model, [image], [mask], config),
+                        [core.refine(image, mask, "cat", config)])])
+    image_b, mask_b = picture(240, 320, (0.1, 0.6, 0.4, 0.9))
+    out.update([compare("batch_two_images_two_masks", node(model, [image, image_b], [mask, mask_b], config),
+                        core.refine_batch([image, image_b], [mask, mask_b], "cat", config))])
+    config_cfg = G4SegConfig(size=128, cfg_scale=3.0, seed=7)
+    out.update([compare("cfg_3", node(model, [image], [mask], config_cfg),
+                        [core.refine(image, mask, "cat", config_cfg)])])
+    model_v, folder_v = _v_prediction_copies(model, diffusers_dir, tmp)
+    core_v = G4SegPipeline.from_pretrained(folder_v, clip=cv_path, device="cpu")
+    assert core_v.components.prediction_type == "v_prediction"
+    out.update([compare("v_prediction", node(model_v, [image], [mask], config),
+                        [core_v.refine(image, mask, "cat", config)])])
+
+    # LoadImage -> ImageToMask -> G4SegRefine against `g4seg refine` on the same files (8-bit outputs)
+    Image.fromarray(image).save(os.path.join(tmp, "photo.png"))
+    Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(tmp, "photo_mask.png"))
+    cli_out = os.path.join(tmp, "cli")
+    run = subprocess.run([sys.executable, "-m", "g4seg_core.cli", "refine", os.path.join(tmp, "photo.png"),
+                          os.path.join(tmp, "photo_mask.png"), "--label", "cat", "--out", cli_out, "--size", "256",
+                          "--checkpoint", diffusers_dir, "--clip", cv_path, "--device", "cpu"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = np.asarray(Image.open(os.path.join(tmp, "photo.png")).convert("RGB")).astype(np.float32) / 255
+    loaded_mask = np.asarray(Image.open(os.path.join(tmp, "photo_mask.png")).convert("RGB"))[..., 0] / 255.0
+    with torch.inference_mode():
+        prob, _, _ = refine_node.refine(model, clip, vae, cv, torch.from_numpy(loaded)[None],
+                                        torch.from_numpy(loaded_mask.astype(np.float32))[None], "cat",
+                                        G4SegConfig(size=256))
+    node8 = np.round(prob[0].numpy() * 255)
+    cli16 = np.asarray(Image.open(os.path.join(cli_out, "photo_refined_prob.png"))).astype(np.float64) / 65535
+    cli8 = np.round(cli16 * 255)
+    out["node_vs_cli_320x240_size256"] = {"prob_max_diff": float(np.abs(prob[0].numpy() - cli16).max()),
+                                          "max_8bit_diff": float(np.abs(node8 - cli8).max()),
+                                          "changed_fraction": float(np.mean(np.abs(cli16 - loaded_mask) > 1e-4))}
+    return out
+
+
 def lowprec(ckpt, cv_path, size=64):
     """G4SegRefine with ComfyUI's defaults, then with --bf16-unet --bf16-vae --bf16-text-enc (models loaded
     again: ComfyUI reads the switches at load time): the dtypes ComfyUI used and how far the masks moved."""
@@ -230,5 +331,7 @@ if __name__ == "__main__":
         print(json.dumps(lowprec(sys.argv[2], sys.argv[3])))
     elif what == "broadcast":
         print(json.dumps(broadcast(sys.argv[2], sys.argv[3])))
+    elif what == "drift":
+        print(json.dumps(drift(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])))
     elif what == "parity":
         print(json.dumps(parity(sys.argv[2], sys.argv[3], sys.argv[4])))

@@ -1,0 +1,123 @@
+"""nodes/comfy_backend.py without ComfyUI: the ComfyUI backend driven through flow.refine_batch with
+stand-ins that follow ComfyUI's conventions ([B, H, W, C] pixels, unscaled latents, tokenize dicts,
+CONDITIONING lists) around the tiny diffusers models, against the diffusers backend on the same weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from g4seg_core import flow
+from g4seg_core.config import G4SegConfig
+from g4seg_core.pipeline import G4SegPipeline
+from nodes import attention_patch, comfy_backend, refine_node
+
+
+class StandInVAE:
+    """ComfyUI's VAE API: pixels [B, H, W, C] in [0, 1], latents without the scaling factor."""
+
+    def __init__(self, pipe):
+        self.pipe, self.scale = pipe, pipe.components.vae_scaling_factor
+
+    def encode(self, pixels):
+        assert pixels.dim() == 4 and pixels.shape[-1] == 3
+        return self.pipe.encode(pixels.permute(0, 3, 1, 2)) / self.scale
+
+    def decode(self, latents):
+        return self.pipe.decode(latents * self.scale).permute(0, 2, 3, 1)
+
+
+class StandInCLIP:
+    """ComfyUI's CLIP API: tokenize -> {"h": [[(id, weight), ...]]}, encode_from_tokens_scheduled -> CONDITIONING."""
+
+    def __init__(self, pipe):
+        self.pipe, self.texts = pipe, {}
+
+    def tokenize(self, text):
+        tokens = {"h": [[(int(i), 1.0) for i in self.pipe.components.tokenizer(text).tolist()]]}
+        self.texts[id(tokens)] = text
+        return tokens
+
+    def encode_from_tokens_scheduled(self, tokens):
+        embedding = self.pipe.prompt_embedding(self.texts[id(tokens)])
+        return [[embedding, {"pooled_output": None}]]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return G4SegPipeline.tiny()
+
+
+@pytest.fixture()
+def stand_ins(monkeypatch, pipe):
+    """Sampling and model patching go to the diffusers backend; everything else is comfy_backend's own code."""
+    scale = pipe.components.vae_scaling_factor
+    calls = []
+
+    def sample_one_step(model, positive, negative, samples, noise, timestep, cfg, seed, noise_mask=None):
+        _, settings = model if isinstance(model, tuple) else (model, None)
+        calls.append(samples.shape[0])
+        config = G4SegConfig(timestep=timestep, cfg_scale=cfg, seed=seed)
+        rows = samples.shape[0]
+        x0 = pipe.denoise(samples * scale, noise, [positive[0][0]] * rows, settings or [None] * rows, config,
+                          None if negative is None else negative[0][0])
+        return x0 / scale
+
+    monkeypatch.setattr(attention_patch, "model_family", lambda model: "sd21")
+    monkeypatch.setattr(attention_patch, "inject", lambda model, settings: ((model, list(settings)), "sd21", 0))
+    monkeypatch.setattr(comfy_backend, "sample_one_step", sample_one_step)
+    return pipe, StandInCLIP(pipe), StandInVAE(pipe), calls
+
+
+def _inputs(h=60, w=80, seed=0):
+    rng = np.random.default_rng(seed)
+    image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((h, w), np.float32)
+    mask[15:45, 20:60] = 1
+    return image, mask
+
+
+@pytest.mark.parametrize("config", [G4SegConfig(size=64, correspondence_grid=0),
+                                    G4SegConfig(size=64, correspondence_grid=0, cfg_scale=3.0, seed=5)])
+def test_comfy_backend_equals_the_diffusers_backend(stand_ins, config):
+    pipe, clip, vae, calls = stand_ins
+    (image_a, mask_a), (image_b, mask_b) = _inputs(seed=1), _inputs(seed=2)
+    mask_b = mask_b[::2, ::2].copy()  # another resolution, same framing
+    comfy = comfy_backend.ComfyBackend("model", clip, vae, extractor=pipe.clip)
+    got = flow.refine_batch(comfy, [image_a, image_b], [mask_a, mask_b], "cat", config)
+    want = pipe.refine_batch([image_a, image_b], [mask_a, mask_b], "cat", config)
+    assert calls == [2]  # one prompt for the batch: one sampling call
+    for g, w in zip(got, want):
+        assert g.prob.shape == w.prob.shape
+        np.testing.assert_allclose(g.prob, w.prob, atol=1e-4)
+        np.testing.assert_allclose(g.generated_pixels, w.generated_pixels, atol=1e-4)
+
+
+def test_refine_node_one_image_several_masks(stand_ins):
+    """The node's IMAGE/MASK batches: one image, two masks; mask i gets seed + i; the image is encoded once."""
+    pipe, clip, vae, calls = stand_ins
+    image, mask = _inputs()
+    other = np.zeros_like(mask)
+    other[5:30, 10:70] = 1
+    encodes = []
+    original_encode = vae.encode
+    vae.encode = lambda pixels: encodes.append(pixels.shape[0]) or original_encode(pixels)
+    config = G4SegConfig(size=64, correspondence_grid=0)
+    refined, binary, generated = refine_node.refine(
+        "model", clip, vae, None, torch.from_numpy(image)[None].float() / 255,
+        torch.from_numpy(np.stack([mask, other])), "cat", config, extractor=pipe.clip)
+    assert encodes == [1] and refined.shape == (2, 60, 80) and generated.shape == (2, 64, 64, 3)
+    single = pipe.refine(image, other, "cat", config.replace(seed=1))
+    np.testing.assert_allclose(refined[1].numpy(), single.prob, atol=1e-4)
+    assert torch.equal(binary, (refined >= 0.5).float())
+
+
+def test_different_prompts_are_sampled_apart(stand_ins):
+    pipe, clip, vae, calls = stand_ins
+    (image_a, mask_a), (image_b, mask_b) = _inputs(seed=1), _inputs(seed=2)
+    comfy = comfy_backend.ComfyBackend("model", clip, vae, extractor=pipe.clip)
+    config = G4SegConfig(size=64, correspondence_grid=0)
+    got = flow.refine_batch(comfy, [image_a, image_b], [mask_a, mask_b], ["cat", "dog"], config)
+    want = pipe.refine_batch([image_a, image_b], [mask_a, mask_b], ["cat", "dog"], config)
+    assert calls == [1, 1]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.prob, w.prob, atol=1e-4)
