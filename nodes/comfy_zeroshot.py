@@ -21,7 +21,7 @@ from g4seg_core.injection import plain_attention
 from g4seg_core.zeroshot.neighbourhood import DEFAULT_SIGMA, LastBlock, neighbourhood_attention
 from g4seg_core.zeroshot.text import NO_PROJECTION, QueryEmbeddings
 
-from .common import check_interrupt
+from .common import Progress, check_interrupt
 
 COMFY_SD1 = ("this CLIP is SD1.x's text encoder (CLIP ViT-L/14 without its text_projection): its embeddings cannot be "
              "compared with image embeddings. Load an SD2.x checkpoint (its CLIP pairs with clip_vision_h.safetensors) "
@@ -79,8 +79,10 @@ class ComfyTextTower:
     @torch.no_grad()
     def __call__(self, prompts):
         out = []
+        bar = Progress(len(prompts))  # the first run of a class list encodes many prompts: show it
         for prompt in prompts:
             check_interrupt()
+            bar.update(1)
             _, pooled = self.clip.encode_from_tokens(self.clip.tokenize(escape_prompt(prompt)), return_pooled=True)
             if pooled is None:
                 raise G4SegError(f"{self.name} returned no pooled embedding: {COMFY_SD1}")

@@ -9,7 +9,7 @@ from g4seg_core.config import G4SegConfig
 from g4seg_core.densecrf import dense_crf
 from g4seg_core.masks import validate_probability
 
-from .common import (CATEGORY, Progress, check_interrupt, check_same_size, image_batch, mask_batch,
+from .common import (CATEGORY, Progress, check_interrupt, check_same_size, image_batch, knob_inputs, mask_batch,
                      pair_batches, pick, stack_masks)
 from .preview import with_preview
 
@@ -65,7 +65,7 @@ class G4SegDenseCRF:
             "bilateral_srgb": ("FLOAT", {"default": 13.0, "min": 1.0, "max": 255.0, "step": 0.5, "tooltip": "Appearance kernel: colour standard deviation (0-255 RGB)."}),
             "bilateral_compat": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Appearance kernel weight (0 turns it off)."}),
             "confidence": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Trust in the mask: the unary uses c*p + (1-c)/2. 1.0 uses it as is; about 0.8 keeps hard 0/1 masks from pinning every pixel."}),
-            "threshold": ("FLOAT", {"default": _D.threshold, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip": "Threshold for the binary output."}),
+            **knob_inputs("threshold"),
         }}
 
     def refine(self, image, mask, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,

@@ -11,13 +11,12 @@ import torch
 from g4seg_core import image_files, label_maps, mask_files, softening
 from g4seg_core import masks as core_masks
 from g4seg_core import palettes as core_palettes
-from g4seg_core.config import SOFTEN_MODES, G4SegConfig
+from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
 
 from .common import (CATEGORY, Progress, check_interrupt, image_batch, image_to_mask, intermediate_device,
                      knob_inputs, mask_batch, stack_masks)
 
-_D = G4SegConfig()
 MASK_KINDS = ("auto", "probability", "label_map")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".npy")
 BACKGROUNDS = ("black", "ade20k-wall")
@@ -135,12 +134,16 @@ class G4SegLoadCoarseMask:
             "image": (input_files(), {"image_upload": True, "tooltip": "Mask file from ComfyUI's input folder (PNG 8/16-bit, palette PNG, JPG, .npy). Ignored when a mask or mask_image is connected."}),
             "mask_kind": (list(MASK_KINDS), {"default": "auto", "tooltip": "auto: palette/colour images are label maps, greyscale ones probabilities; or force one."}),
             "class_index_or_name": ("STRING", {"default": "", "tooltip": "For label maps: the class to refine, a VOC name ('cat', 'person') or an index (8). Ignored for probability maps."}),
-            "soften": (list(SOFTEN_MODES), {"default": _D.soften, "tooltip": "How binary masks become probabilities: sdf = sigmoid of the signed distance to the boundary, blur = Gaussian blur, none = keep binary (then nothing is in the update band). Soft masks are never changed."}),
-            "soften_width": ("FLOAT", {"default": _D.soften_width, "min": 0.5, "max": 256.0, "step": 0.5, "tooltip": "Softening width in working-size pixels (see size; by default the mask's own pixels). sdf: ~0.12 -> ~0.88 across this distance; blur: sigma = width/2."}),
-            # appended to required: new widgets of an upload node go there (tests/test_workflows.py)
-            **knob_inputs("size", defaults={"size": 0}, tooltips={"size": (
-                "The working size soften_width is measured in: set G4SegRefine's size (e.g. 512) to soften exactly "
-                "as G4SegRefine would; 0 (default, as before) takes the mask's own resolution as the working size.")}),
+            # size appended to required: new widgets of an upload node go there (tests/test_workflows.py)
+            **knob_inputs("soften", "soften_width", "size", defaults={"size": 0}, tooltips={
+                "soften": ("How binary masks become probabilities: sdf = sigmoid of the signed distance to the "
+                           "boundary, blur = Gaussian blur, none = keep binary (then nothing is in the update band). "
+                           "Soft masks are never changed."),
+                "soften_width": ("Softening width in working-size pixels (see size; by default the mask's own "
+                                 "pixels). sdf: ~0.12 -> ~0.88 across this distance; blur: sigma = width/2."),
+                "size": ("The working size soften_width is measured in: set G4SegRefine's size (e.g. 512) to "
+                         "soften exactly as G4SegRefine would; 0 (default, as before) takes the mask's own "
+                         "resolution as the working size.")}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Use this MASK (batch allowed) instead of the file."}),
             "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file."}),
@@ -197,7 +200,7 @@ class G4SegMaskToSegPalette:
         return {"required": {
             "mask": ("MASK", {"tooltip": "Coarse mask (probabilities are thresholded)."}),
             "class_name": ("STRING", {"default": "cat", "tooltip": "Class name (ADE20K name, VOC name or common alias); picks the palette colour."}),
-            "threshold": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip": "Pixels with mask >= threshold are painted with the class colour."}),
+            **knob_inputs("threshold", tooltips={"threshold": "Pixels with mask >= threshold are painted with the class colour."}),
             "background": (list(BACKGROUNDS), {"default": "black", "tooltip": "black: no class (the ControlNet generates freely there); ade20k-wall: paint the rest as wall."}),
         }}
 

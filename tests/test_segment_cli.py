@@ -88,6 +88,11 @@ def test_segment_output_is_an_eval_coarse_source(tmp_path):
     for c, mask in sample.coarse.items():
         assert np.array_equal(mask > 0.5, labels == c)
     assert (out / "2007_000001_potted_plant.png").is_file() and (out / "2007_000001_tv_monitor.png").is_file()
+    # and the whole eval command takes the folder as its coarse source
+    runs = tmp_path / "runs"
+    assert main(["eval", str(root), "--coarse", str(out), "--methods", "none", "--out", str(runs), "--no-progress"]) == 0
+    summary = json.loads((runs / "summary.json").read_text())
+    assert summary["methods"]["none"]["num_images"] == 1
 
 
 def test_class_file_names_collide_loudly():

@@ -85,7 +85,7 @@ def write_diffusers(folder: str, size: str, seed: int) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     for sub in ("unet", "vae", "text_encoder"):
@@ -102,13 +102,15 @@ def write_diffusers(folder: str, size: str, seed: int) -> None:
     with open(os.path.join(folder, "vae", "config.json"), "w") as f:
         json.dump(VAE_CONFIG, f, indent=1)
     del vae
-    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    # with its text_projection, as SD2.x files keep it (words -> mask needs it; ComfyUI would leave it uninitialised)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIG))
     sd = text.state_dict()
     if not any(k.startswith("text_model.") for k in sd):
         sd = {("text_model." + k): v for k, v in sd.items()}
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "text_encoder", "model.safetensors"))
     with open(os.path.join(folder, "text_encoder", "config.json"), "w") as f:
-        json.dump(dict(TEXT_CONFIG, architectures=["CLIPTextModel"], model_type="clip_text_model"), f, indent=1)
+        json.dump(dict(TEXT_CONFIG, architectures=["CLIPTextModelWithProjection"], model_type="clip_text_model"), f,
+                  indent=1)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline", "g4seg_test": size}, f)
 
@@ -129,6 +131,14 @@ def write_clip_vision(path: str, seed: int, config: dict = VISION_CONFIG, half: 
     sd = _prefixed(sd, "vision_model.")
     sd = {k: v for k, v in sd.items() if "position_ids" not in k}
     save_file(sd, path)
+
+
+def has_text_projection(path: str) -> bool:
+    """Was this text encoder / checkpoint written with a text_projection (older test models were not)?"""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return any(k.endswith(("text_projection", "text_projection.weight")) for k in f.keys())
 
 
 def ldm_unet_config(size: str) -> dict:
@@ -236,7 +246,9 @@ def main(argv=None) -> int:
         ap.error("give --models or set COMFYUI_PATH")
     name = f"g4seg_test_sd21_{args.size}"
     folder = os.path.join(models, "diffusers", name)
-    if args.force or not os.path.exists(os.path.join(folder, "text_encoder", "model.safetensors")):
+    text_file = os.path.join(folder, "text_encoder", "model.safetensors")
+    stale = os.path.exists(text_file) and not has_text_projection(text_file)  # written before the projection
+    if args.force or stale or not os.path.exists(text_file):
         write_diffusers(folder, args.size, args.seed)
         print("wrote", folder)
     cv_dir = os.path.join(models, "clip_vision")
@@ -254,7 +266,7 @@ def main(argv=None) -> int:
         os.makedirs(ckpt_dir, exist_ok=True)
         ckpt = os.path.join(ckpt_dir, name + ".safetensors")
         controlnet = os.path.join(models, "controlnet", f"g4seg_test_controlnet_sd21_{args.size}.safetensors")
-        if args.force or not os.path.exists(ckpt) or not os.path.exists(controlnet):
+        if args.force or stale or not os.path.exists(ckpt) or not os.path.exists(controlnet):
             unet = write_checkpoint(folder, ckpt, args.comfyui, args.size)
             print("wrote", ckpt)
             write_controlnet(unet, controlnet, args.seed)

@@ -192,7 +192,7 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
 
     refine_node = sys.modules["g4seg_pack.nodes.refine_node"]
     model, clip, vae, cv = load_models(ckpt, cv_path)
-    core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu")
+    core = G4SegPipeline.from_pretrained(diffusers_dir, clip=cv_path, device="cpu", dtype="float32")
     rng = np.random.default_rng(0)
 
     def picture(h, w, box):
@@ -231,7 +231,7 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
     out.update([compare("cfg_3", node(model, [image], [mask], config_cfg),
                         [core.refine(image, mask, "cat", config_cfg)])])
     model_v, folder_v = _v_prediction_copies(model, diffusers_dir, tmp)
-    core_v = G4SegPipeline.from_pretrained(folder_v, clip=cv_path, device="cpu")
+    core_v = G4SegPipeline.from_pretrained(folder_v, clip=cv_path, device="cpu", dtype="float32")
     assert core_v.components.prediction_type == "v_prediction"
     out.update([compare("v_prediction", node(model_v, [image], [mask], config),
                         [core_v.refine(image, mask, "cat", config)])])
@@ -239,12 +239,6 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
     # LoadImage -> ImageToMask -> G4SegRefine against `g4seg refine` on the same files (8-bit outputs)
     Image.fromarray(image).save(os.path.join(tmp, "photo.png"))
     Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(tmp, "photo_mask.png"))
-    cli_out = os.path.join(tmp, "cli")
-    run = subprocess.run([sys.executable, "-m", "g4seg_core.cli", "refine", os.path.join(tmp, "photo.png"),
-                          os.path.join(tmp, "photo_mask.png"), "--label", "cat", "--out", cli_out, "--size", "256",
-                          "--checkpoint", diffusers_dir, "--clip", cv_path, "--device", "cpu"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
     loaded = np.asarray(Image.open(os.path.join(tmp, "photo.png")).convert("RGB")).astype(np.float32) / 255
     loaded_mask = np.asarray(Image.open(os.path.join(tmp, "photo_mask.png")).convert("RGB"))[..., 0] / 255.0
     with torch.inference_mode():
@@ -252,11 +246,22 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
                                         torch.from_numpy(loaded_mask.astype(np.float32))[None], "cat",
                                         G4SegConfig(size=256))
     node8 = np.round(prob[0].numpy() * 255)
-    cli16 = np.asarray(Image.open(os.path.join(cli_out, "photo_refined_prob.png"))).astype(np.float64) / 65535
-    cli8 = np.round(cli16 * 255)
-    out["node_vs_cli_320x240_size256"] = {"prob_max_diff": float(np.abs(prob[0].numpy() - cli16).max()),
-                                          "max_8bit_diff": float(np.abs(node8 - cli8).max()),
-                                          "changed_fraction": float(np.mean(np.abs(cli16 - loaded_mask) > 1e-4))}
+    # float32 = the precision ComfyUI computes in on a CPU by default; "auto" is the CLI's default dtype
+    for dtype in ("float32", "auto"):
+        cli_out = os.path.join(tmp, f"cli_{dtype}")
+        run = subprocess.run([sys.executable, "-m", "g4seg_core.cli", "refine", os.path.join(tmp, "photo.png"),
+                              os.path.join(tmp, "photo_mask.png"), "--label", "cat", "--out", cli_out, "--size", "256",
+                              "--checkpoint", diffusers_dir, "--clip", cv_path, "--device", "cpu", "--dtype", dtype],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-2000:]
+        report = json.load(open(os.path.join(cli_out, "photo_g4seg.json")))
+        cli16 = np.asarray(Image.open(os.path.join(cli_out, "photo_refined_prob.png"))).astype(np.float64) / 65535
+        cli8 = np.round(cli16 * 255)
+        out[f"node_vs_cli_320x240_size256_dtype_{dtype}"] = {
+            "cli_dtype_used": report.get("dtype_used", report.get("parameters", {}).get("dtype")),
+            "prob_max_diff": float(np.abs(prob[0].numpy() - cli16).max()),
+            "max_8bit_diff": float(np.abs(node8 - cli8).max()),
+            "changed_fraction": float(np.mean(np.abs(cli16 - loaded_mask) > 1e-4))}
     return out
 
 

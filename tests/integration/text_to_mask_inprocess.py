@@ -1,6 +1,7 @@
 """G4SegTextToMask inside ComfyUI's own Python, on tiny random towers built with ComfyUI's classes:
 
     COMFYUI_PATH=/work/ComfyUI python tests/integration/text_to_mask_inprocess.py WORKDIR
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/text_to_mask_inprocess.py loaders CKPT CLIP_VISION_H
 
 The same weights are written as files the core loads (an SD2-style single file's text tower, a
 transformers-format clip_vision file) and loaded into ComfyUI's CLIP (SD2ClipModel, converted by
@@ -137,5 +138,30 @@ def pack_nodes_labels(label_map):
     return np.vectorize(lut.get)(codes)
 
 
+def loaders(ckpt, clip_vision_path):
+    """The nodes on models from ComfyUI's own loaders (the random-weight SD2.1 test checkpoint and ViT-H/14):
+    Text to Mask, then Refine Classes on its masks, as the words -> label map workflow wires them."""
+    import comfy.clip_vision
+
+    from nodes.text_to_mask_node import G4SegRefineClasses, G4SegTextToMask
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+    cv = comfy.clip_vision.load(clip_vision_path)
+    image = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        masks, label_map, names = G4SegTextToMask().segment(clip, cv, image, "cat, sofa", background="voc",
+                                                            prob_threshold=0.0, templates="single", short_side=224)
+        refined, fused = G4SegRefineClasses().refine(
+            model, clip, vae, cv, image, masks, names, timestep=400, seed=0, emi_mode="densediffusion",
+            cross_weight=1.0, self_weight=0.3, beta=0.8, band_low=0.2, band_high=0.6, iterations=1, threshold=0.01,
+            size=64, soften="sdf", soften_width=8.0)
+    return {"masks": list(masks.shape), "label_map": list(label_map.shape), "names": names,
+            "refined": list(refined.shape), "fused": list(fused.shape),
+            "finite": bool(torch.isfinite(masks).all() and torch.isfinite(refined).all())}
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1])))
+    if sys.argv[1] == "loaders":
+        print(json.dumps(loaders(sys.argv[2], sys.argv[3])))
+    else:
+        print(json.dumps(main(sys.argv[1])))
