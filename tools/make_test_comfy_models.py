@@ -182,32 +182,6 @@ def write_checkpoint(folder: str, out_path: str, comfyui: str, size: str) -> Non
     return unet
 
 
-TEXT_PROJECTION_KEY = "cond_stage_model.model.text_projection"
-
-
-def ensure_text_projection(ckpt_path: str, seed: int) -> bool:
-    """Give the checkpoint a random text_projection (SD2.1's open_clip tower has one; words -> mask needs it).
-
-    The diffusers text encoder has none, so ComfyUI saves its uninitialised parameter (near zero);
-    a random one is written over it. Returns True when the file was changed."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(ckpt_path, "pt") as f:
-        metadata = f.metadata()
-        if TEXT_PROJECTION_KEY in f.keys() and float(f.get_tensor(TEXT_PROJECTION_KEY).float().std()) > 1e-3:
-            return False
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    width = TEXT_CONFIG["hidden_size"]
-    generator = torch.Generator().manual_seed(seed + 2)
-    sd[TEXT_PROJECTION_KEY] = (torch.randn(width, TEXT_CONFIG["projection_dim"], generator=generator)
-                               * width ** -0.5).contiguous()
-    save_file(sd, ckpt_path + ".tmp", metadata=metadata)
-    os.replace(ckpt_path + ".tmp", ckpt_path)
-    return True
-
-
 def write_controlnet(unet, out_path: str, seed: int) -> None:
     """A random-weight ControlNet (3-channel hint) for this UNet, in ComfyUI's own layout.
 
@@ -271,8 +245,6 @@ def main(argv=None) -> int:
             print("wrote", ckpt)
             write_controlnet(unet, controlnet, args.seed)
             print("wrote", controlnet)
-        if ensure_text_projection(ckpt, args.seed):
-            print("wrote a text_projection into", ckpt)
     return 0
 
 
