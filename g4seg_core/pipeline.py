@@ -21,7 +21,7 @@ from .errors import G4SegError
 from .flow import ImageContext, RefineResult
 from .injection import InjectionSettings
 from .label_maps import fuse_multiclass
-from .precision import resolve_dtype
+from .precision import resolve_dtype, vae_channels_last
 from .schedule import add_noise, alpha_bar_at, predict_x0
 from .tokens import find_token_positions
 
@@ -40,6 +40,8 @@ class G4SegPipeline:
         choice = resolve_dtype(dtype, self.device, components.family)
         self.dtype, self.dtype_reason = choice.dtype, choice.reason
         self.components = components.to(self.device, self.dtype)
+        if vae_channels_last(self.device):
+            self.components.vae.to(memory_format=torch.channels_last)
         self.clip = clip.to(self.device, self.dtype)
         self._prompt_cache: "OrderedDict[str, object]" = OrderedDict()
 

@@ -164,3 +164,16 @@ def test_bench_compares_with_float32_in_the_same_run(monkeypatch, tmp_path, caps
     assert set(numbers["speedup_over_float32"]) >= {"end_to_end", "unet", "vae_decode"}
     text = capsys.readouterr().out
     assert "bfloat16 vs float32, same run" in text and "binary IoU" in text
+
+
+def test_cpu_vae_runs_channels_last_with_the_same_result():
+    image, mask = _inputs()
+    config = G4SegConfig(size=64, correspondence_grid=0)
+    pipe = G4SegPipeline.tiny(dtype="float32")
+    conv = next(m for m in pipe.components.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    result = pipe.refine(image, mask, "cat", config)
+    pipe.components.vae.to(memory_format=torch.contiguous_format)
+    plain = pipe.refine(image, mask, "cat", config)
+    assert np.abs(result.generated_pixels - plain.generated_pixels).max() < 1e-4
+    assert np.abs(result.prob - plain.prob).max() < 1e-4
