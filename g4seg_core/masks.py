@@ -95,21 +95,6 @@ def validate_probability(prob, name: str = "mask") -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def validate_pair(image_hw: Sequence[int], mask_hw: Sequence[int]) -> None:
-    """Raise G4SegError if the mask's (H, W) differs from the image's (H, W).
-
-    Never resizes: a silently resized mask hides a wrong pairing of files.
-    """
-    ih, iw = check_hw(image_hw, "image size")
-    mh, mw = check_hw(mask_hw, "mask size")
-    if (ih, iw) != (mh, mw):
-        raise G4SegError(
-            f"the mask is {mw}x{mh} (width x height) but the image is {iw}x{ih}; the coarse mask "
-            f"must cover the image pixel for pixel. Check that the mask belongs to this image, "
-            f"then resize the mask to the image size ({iw}x{ih}) with an image editor, or in Python "
-            f"with g4seg_core.masks.resize_probability(mask, ({ih}, {iw}))")
-
-
 def check_same_framing(image_hw: Sequence[int], mask_hw: Sequence[int], tolerance: float = 0.04) -> None:
     """A mask may have any resolution, but the image's aspect ratio (within 4%: rounding of odd sizes)."""
     ih, iw = check_hw(image_hw, "image size")

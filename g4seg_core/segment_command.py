@@ -50,7 +50,8 @@ def add_segment_parser(sub) -> None:
     d = ZeroShotConfig()
     for f in fields(ZeroShotConfig):
         g.add_argument("--" + f.name.replace("_", "-"), dest="zs_" + f.name, type=type(f.default),
-                       choices=f.metadata.get("choices"), help=f"{f.metadata.get('help', '')} (default {getattr(d, f.name)})")
+                       choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
+                       help=f"{f.metadata.get('help', '')} (default {getattr(d, f.name)})")
     add_config_arguments(p)  # G4Seg parameters (used by --refine), --device, --dtype
     p.set_defaults(func=cmd_segment)
 

@@ -1,5 +1,4 @@
 import os
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from g4seg_core.distance_transform import euclidean_distance_transform, signed_d
 from g4seg_core.label_maps import class_probability_from_label_map, fuse_multiclass
 from g4seg_core.mask_files import (load_label_map, load_probability, save_binary_png, save_label_map_png,
                                    save_probability_png16)
-from g4seg_core.masks import from_working_size, is_binary, resize_probability, to_working_size, validate_pair, validate_probability
+from g4seg_core.masks import check_same_framing, from_working_size, is_binary, resize_probability, to_working_size, validate_probability
 from g4seg_core.softening import soften_binary
 from g4seg_core.palettes import voc_palette
 
@@ -233,12 +232,14 @@ def test_validate_probability_errors():
         validate_probability(np.array([["a"]]))
 
 
-def test_validate_pair():
-    validate_pair((300, 451), (300, 451))
+def test_check_same_framing():
+    """Any mask resolution with the image's aspect ratio; another framing is an error naming both sizes."""
+    check_same_framing((300, 451), (300, 451))
+    check_same_framing((300, 451), (150, 225))  # half resolution, 0.3 % aspect difference
     with pytest.raises(G4SegError) as e:
-        validate_pair((300, 451), (512, 512))
+        check_same_framing((300, 451), (512, 512))
     msg = str(e.value)
-    assert "512x512" in msg and "451x300" in msg and "resize" in msg
+    assert "512x512" in msg and "451x300" in msg and "aspect ratios differ" in msg
 
 
 def test_is_binary():
