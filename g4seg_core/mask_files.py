@@ -36,9 +36,10 @@ def load_probability(path: PathLike) -> np.ndarray:
     """Load a coarse foreground map as float32 [H, W] in [0, 1].
 
     * PNG/other images, grayscale or RGB(A) with equal R, G, B (alpha is ignored):
-      binary 0/255 or 0/1 images give exactly {0, 1}; other 8-bit images are divided
-      by 255; 16-bit images by 65535 (16-bit 0/1 images also give {0, 1}); 32-bit
-      float images are taken as they are.
+      binary 0/255 or 0/1 8-bit images give exactly {0, 1}; other 8-bit images are
+      divided by 255; 16-bit images always by 65535 (that is what save_probability_png16
+      writes: a map of near-zero probabilities holds only 0 and 1 and must stay near zero);
+      32-bit float images are taken as they are.
     * ``.npy``: a 2-D float (or bool/int 0/1) array, finite, within [0, 1].
     * Palette-mode PNGs are label maps, not probabilities: use ``load_label_map`` and
       pick a class (``class_probability_from_label_map``, or the class option).
@@ -63,14 +64,13 @@ def load_probability(path: PathLike) -> np.ndarray:
         arr = np.asarray(img.getchannel("L"))
         return _from_integer(arr, 255.0)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img).astype(np.int64)
-        return _from_integer(arr, 65535.0)
+        return (np.asarray(img).astype(np.float64) / 65535.0).astype(np.float32)
     if mode == "I":
         arr = np.asarray(img).astype(np.int64)
         if arr.min() < 0 or arr.max() > 65535:
             raise G4SegError(f"{path!r} is a 32-bit integer image with values in "
                              f"[{arr.min()}, {arr.max()}]; save the mask as an 8- or 16-bit PNG")
-        return _from_integer(arr, 65535.0)
+        return (arr.astype(np.float64) / 65535.0).astype(np.float32)
     if mode == "F":
         return validate_probability(np.asarray(img, dtype=np.float32), name=f"mask {path!r}")
     if mode in ("RGB", "RGBA"):
@@ -87,7 +87,7 @@ def load_probability(path: PathLike) -> np.ndarray:
 
 
 def _from_integer(arr: np.ndarray, full_scale: float) -> np.ndarray:
-    """Integer pixels -> [0, 1]; images holding only 0 and 1 are 0/1 binary masks."""
+    """8-bit pixels -> [0, 1]; images holding only 0 and 1 are 0/1 binary masks."""
     if arr.max() <= 1:
         return arr.astype(np.float32)
     return (arr.astype(np.float64) / full_scale).astype(np.float32)

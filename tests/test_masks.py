@@ -441,3 +441,12 @@ def test_example_assets():
     assert soft.shape == (h, w) and not is_binary(soft)
     for name in ("cat.png", "cat_coarse.png", "cat_coarse_soft.png"):
         assert os.path.getsize(os.path.join(EXAMPLES, name)) < 500_000
+
+
+def test_16bit_probability_of_an_absent_class_round_trips_as_absent(tmp_path):
+    # round(p * 65535) of tiny probabilities is only 0 and 1: it must not be read as a 0/1 binary mask
+    prob = np.array([[0.0, 1e-5], [2e-5, 0.0]], dtype=np.float32)
+    save_probability_png16(prob, tmp_path / "absent.png")
+    back = load_probability(tmp_path / "absent.png")
+    assert back.max() < 1e-4
+    np.testing.assert_allclose(back, prob, atol=1 / 65535)
