@@ -32,9 +32,8 @@ def _register_core() -> None:
         raise
 
 
-_register_core()
-
 try:
+    _register_core()
     # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 except ImportError as exc:

@@ -11,6 +11,8 @@ Writes (names carry the size):
     models/diffusers/g4seg_test_sd21_<size>/{unet,vae,text_encoder}/...   (DiffusersLoader)
     models/checkpoints/g4seg_test_sd21_<size>.safetensors                  (CheckpointLoaderSimple)
     models/clip_vision/g4seg_test_vitl14.safetensors                       (CLIPVisionLoader)
+    models/clip_vision/g4seg_test_vith14.safetensors   (--vith: ViT-H/14, 1024-d like SD2.1's text tower,
+                                                        for the words -> mask workflows; float16, 1.3 GB)
     models/controlnet/g4seg_test_controlnet_sd21_<size>.safetensors        (ControlNetLoader)
 
 Layouts are what ComfyUI's detection expects: the UNet keeps SD2.1's model_channels=320,
@@ -65,6 +67,10 @@ VISION_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers
                      image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
 
 
+VISION_H_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+
+
 def _prefixed(sd: dict, prefix: str, keep=("visual_projection.", "text_projection.")) -> dict:
     out = {}
     for k, v in sd.items():
@@ -109,13 +115,18 @@ def write_diffusers(folder: str, size: str, seed: int) -> None:
         json.dump({"_class_name": "StableDiffusionPipeline", "g4seg_test": size}, f)
 
 
-def write_clip_vision(path: str, seed: int) -> None:
+def write_clip_vision(path: str, seed: int, config: dict = VISION_CONFIG, half: bool = False) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed + 1)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_CONFIG))
+    if half:  # initialised in float16 straight away: 1.3 GB for ViT-H, not 2.5 GB + a copy
+        torch.set_default_dtype(torch.float16)
+    try:
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    finally:
+        torch.set_default_dtype(torch.float32)
     sd = model.state_dict()
     sd = _prefixed(sd, "vision_model.")
     sd = {k: v for k, v in sd.items() if "position_ids" not in k}
@@ -202,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout for the checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--vith", action="store_true", help="also a ViT-H/14 CLIP vision model (words -> mask workflows)")
     args = ap.parse_args(argv)
     models = args.models or (os.path.join(args.comfyui, "models") if args.comfyui else None)
     if not models:
@@ -219,6 +231,10 @@ def main(argv=None) -> int:
     if args.force or not os.path.exists(cv):
         write_clip_vision(cv, args.seed)
         print("wrote", cv)
+    cv_h = os.path.join(cv_dir, "g4seg_test_vith14.safetensors")
+    if args.vith and (args.force or not os.path.exists(cv_h)):
+        write_clip_vision(cv_h, args.seed, VISION_H_CONFIG, half=True)
+        print("wrote", cv_h)
     if args.comfyui:
         ckpt_dir = os.path.join(models, "checkpoints")
         os.makedirs(ckpt_dir, exist_ok=True)

@@ -88,8 +88,9 @@ def chain(ckpt, cv_path):
         base.set_model_attn2_replace(other, name, number, index)
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1
-    patched, positive, info = m["G4SegInjectAttention"]().apply(base, clip, mask, "cat", "a photo of a {}",
-                                                                "densediffusion", 1.0, 0.3, 1.0, "constant")
+    patched, positive, info = m["G4SegInjectAttention"]().apply(
+        base, clip, mask, "cat", prompt_template="a photo of a {}", emi_mode="densediffusion", cross_weight=1.0,
+        self_weight=0.3, area_scale=1.0, schedule="constant")  # widgets arrive by name, as ComfyUI passes them
     original_call = ap.G4SegAttentionPatch.__call__
 
     def counting(self, q, k, v, eo):

@@ -28,6 +28,7 @@ HOW_TO_RUN = ("set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its
 
 CKPT = "g4seg_test_sd21_tiny.safetensors"
 CLIP_VISION = "g4seg_test_vitl14.safetensors"
+CLIP_VISION_H = "g4seg_test_vith14.safetensors"
 CONTROLNET = "g4seg_test_controlnet_sd21_tiny.safetensors"
 
 
@@ -42,9 +43,10 @@ def comfy_available():
 def ensure_test_models():
     """Random-weight SD2.1 test models in the checkout's models/ (built once, reused)."""
     folder = os.path.join(COMFY, "models")
-    wanted = [("checkpoints", CKPT), ("clip_vision", CLIP_VISION), ("controlnet", CONTROLNET)]
+    wanted = [("checkpoints", CKPT), ("clip_vision", CLIP_VISION), ("clip_vision", CLIP_VISION_H),
+              ("controlnet", CONTROLNET)]
     if not all(os.path.exists(os.path.join(folder, sub, name)) for sub, name in wanted):
-        subprocess.run([PYTHON, os.path.join(ROOT, "tools", "make_test_comfy_models.py"), "--size", "tiny"],
+        subprocess.run([PYTHON, os.path.join(ROOT, "tools", "make_test_comfy_models.py"), "--size", "tiny", "--vith"],
                        check=True, env=comfy_env(), timeout=1800)
     return folder
 

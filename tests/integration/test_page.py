@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from comfy_server import (CKPT, CLIP_VISION, CONTROLNET, HOW_TO_RUN, get_json, post_json, upload_input,  # noqa: E402
+from comfy_server import (CKPT, CLIP_VISION, CLIP_VISION_H, CONTROLNET, HOW_TO_RUN, get_json, post_json, upload_input,  # noqa: E402
                          wait_for_history)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason=f"playwright is not installed (pip install playwright); "
@@ -50,9 +50,18 @@ EMPTY_LORA = "g4seg_test_empty_lora.safetensors"
 # What the user picks in each loader (the Note names the real files; random-weight stand-ins here).
 PICKS = {"CheckpointLoaderSimple": {"ckpt_name": CKPT}, "CLIPVisionLoader": {"clip_name": CLIP_VISION},
          "ControlNetLoader": {"control_net_name": CONTROLNET}, "LoraLoaderModelOnly": {"lora_name": EMPTY_LORA},
-         # the test image at a CPU-friendly working size (a user on a small machine does the same)
-         "G4SegRefine": {"size": 128}}
+         # CPU-friendly working sizes (a user on a small machine does the same)
+         "G4SegRefine": {"size": 128}, "G4SegRefineClasses": {"size": 128},
+         "G4SegTextToMask": {"short_side": 224, "templates": "single"}}
+# Words -> mask matches SD2.1's 1024-d text tower with a 1024-d CLIP vision model (ViT-H/14).
+PICKS_WORDS = {"CLIPVisionLoader": {"clip_name": CLIP_VISION_H}}
 PREVIEW_NODES = ("G4SegRefine", "G4SegMixForeground", "G4SegDenseCRF")
+
+
+def picks_for(wf):
+    if any(n["type"] == "G4SegTextToMask" for n in wf["nodes"]):
+        return dict(PICKS, **PICKS_WORDS)
+    return PICKS
 
 
 def _load(name):
@@ -202,13 +211,13 @@ def _value_errors(prompt, info):
     return errors
 
 
-def _pick_like_a_user(page):
+def _pick_like_a_user(page, picks):
     page.evaluate("""picks => { for (const node of app.graph.nodes) {
         for (const [name, value] of Object.entries(picks[node.type] || {})) {
             const widget = node.widgets?.find(w => w.name === name);
             if (!widget) throw new Error(`${node.type} has no widget ${name}`);
             widget.value = value; widget.callback?.(value);
-        } } }""", PICKS)
+        } } }""", picks)
 
 
 def _run_like_the_button(page):
@@ -228,7 +237,7 @@ def test_dropped_workflow_gives_a_valid_prompt_and_runs(page, comfy, name):
     prompt = _check_loaded_as_shipped(page, wf)
     # the quick model of the page (CI without ComfyUI) must agree with the page itself
     assert _strip(prompt) == ui_to_api(wf, comfy["info"]), "tests/test_workflows.ui_to_api disagrees with the page"
-    _pick_like_a_user(page)
+    _pick_like_a_user(page, picks_for(wf))
     _, prompt = _page_state(page)
     errors = _value_errors(prompt, comfy["info"])
     assert not errors, "\n".join(errors)
@@ -272,7 +281,7 @@ def test_template_opens_from_the_templates_browser(page, comfy, name):
     _shot(page, "template_" + name[:-5])
     prompt = _check_loaded_as_shipped(page, wf)
     assert _strip(prompt) == ui_to_api(wf, comfy["info"])
-    _pick_like_a_user(page)
+    _pick_like_a_user(page, picks_for(wf))
     errors = _value_errors(_page_state(page)[1], comfy["info"])
     assert not errors, "\n".join(errors)
 
