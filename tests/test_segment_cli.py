@@ -29,7 +29,7 @@ def test_segment_writes_label_map_probabilities_overlay_and_report(tmp_path, cap
     labels = load_label_map(out / "photo.png")
     assert labels.shape == (48, 72) and set(np.unique(labels)) <= {0, 1, 2, 3}
     assert Image.open(out / "photo.png").mode == "P"
-    # raw 16-bit values (load_probability reads a 16-bit map holding only 0 and 1 as a binary mask)
+    # the raw 16-bit values
     probs = np.stack([np.asarray(Image.open(out / f"photo_{n}.png"), np.float64) / 65535
                       for n in ("cat", "sofa", "potted_plant")])
     assert probs.shape == (3, 48, 72) and probs.max() <= 1
