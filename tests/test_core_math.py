@@ -189,6 +189,23 @@ def test_densediffusion_matches_formula_and_chunks_exactly(kind, monkeypatch):
     assert torch.allclose(chunked, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_extremes_equal_scaling_every_logit_first(dtype, monkeypatch):
+    # Extremes are taken before the (positive) scale and in the input dtype: same numbers.
+    g = torch.Generator().manual_seed(3)
+    qh, kh = torch.randn(1, 2, 10, 8, generator=g).to(dtype), torch.randn(1, 2, 12, 8, generator=g).to(dtype)
+    logits = torch.matmul(qh, kh.transpose(-1, -2)).float() * 0.35
+    monkeypatch.setattr(injection, "_DD_BLOCK_ELEMENTS", 2 * 12 * 4)  # chunks of 4 query rows
+    row_max, row_min = injection._row_extremes(qh, kh, 0.35)
+    assert row_max.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # chunked matmuls may round differently, nothing more
+    assert torch.allclose(row_max, logits.amax(-1), atol=tol) and torch.allclose(row_min, logits.amin(-1), atol=tol)
+    rows = torch.tensor([True, False, False, True, True, False, False, False, False, True])
+    span = injection._foreground_span(qh, kh, 0.35, rows)
+    assert torch.equal(span[:, :, rows], (row_max - row_min)[:, :, rows])
+    assert not span[:, :, ~rows].any()  # background rows are never modulated: not computed
+
+
 def test_only_selected_rows_are_modulated_and_off_is_plain():
     q, k, v = _qkv()
     m = (torch.arange(16) < 8).float()
