@@ -24,13 +24,14 @@ from g4seg_core.injection import InjectionSettings, plain_attention
 from g4seg_core.precision import compute_dtype_for_storage
 
 from . import attention_patch
+from .common import escape_prompt
 
 
 def class_token_positions(clip, prompt: str, class_name: str, occurrences: int = 1) -> Tuple[dict, List[int]]:
     """Tokenize with the CLIP object's own tokenizer(s); positions of the class name's tokens
     (all of them when the template has `occurrences` > 1 '{}')."""
-    tokens = clip.tokenize(prompt)
-    label_tokens = clip.tokenize(class_name)
+    tokens = clip.tokenize(escape_prompt(prompt))
+    label_tokens = clip.tokenize(escape_prompt(class_name))
     empty_tokens = clip.tokenize("")
     positions = attention_patch.label_positions_from_tokens(tokens, label_tokens, empty_tokens, class_name, prompt,
                                                             occurrences=occurrences)
@@ -185,9 +186,9 @@ class ComfyBackend:
         return extractor(pixels.clamp(0, 1)).float().cpu()
 
     def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1) -> Tuple[list, List[int]]:
-        tokens = self.clip.tokenize(prompt)
-        positions = [] if label is None else attention_patch.label_positions_from_tokens(
-            tokens, self.clip.tokenize(label), self.clip.tokenize(""), label, prompt, occurrences=occurrences)
+        if label is None:
+            return encode_tokens(self.clip, self.clip.tokenize(escape_prompt(prompt))), []
+        tokens, positions = class_token_positions(self.clip, prompt, label, occurrences=occurrences)
         return encode_tokens(self.clip, tokens), positions
 
     def denoise(self, latents: torch.Tensor, noise: torch.Tensor, prompts: Sequence,

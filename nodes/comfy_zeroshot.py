@@ -21,17 +21,12 @@ from g4seg_core.injection import plain_attention
 from g4seg_core.zeroshot.neighbourhood import DEFAULT_SIGMA, LastBlock, neighbourhood_attention
 from g4seg_core.zeroshot.text import NO_PROJECTION, QueryEmbeddings
 
-from .common import Progress, check_interrupt
+from .common import Progress, check_interrupt, escape_prompt
 
 COMFY_SD1 = ("this CLIP is SD1.x's text encoder (CLIP ViT-L/14 without its text_projection): its embeddings cannot be "
              "compared with image embeddings. Load an SD2.x checkpoint (its CLIP pairs with clip_vision_h.safetensors) "
              "or SDXL (clip_g pairs with clip_vision_g.safetensors), or load a CLIP text encoder file with "
              "its projection (CLIPLoader)")
-
-
-def escape_prompt(text: str) -> str:
-    """Parentheses as literal text, not ComfyUI prompt weighting ('potted plant (indoor)')."""
-    return text.replace("(", "\\(").replace(")", "\\)")
 
 
 def openclip_text_tower(clip) -> Tuple[str, torch.nn.Module]:

@@ -18,6 +18,14 @@ CATEGORY = "G4Seg"
 _WIDGET_TYPES = {"int": "INT", "float": "FLOAT", "str": "STRING"}
 
 
+# --------------------------------------------------------------------------- prompts
+
+def escape_prompt(text: str) -> str:
+    """Parentheses as literal text, not ComfyUI prompt weighting ('potted plant (indoor)'): the core's
+    tokenizer reads them literally, and the node must condition on the same text."""
+    return text.replace("(", "\\(").replace(")", "\\)")
+
+
 # --------------------------------------------------------------------------- widgets from the knob table
 
 def knob_inputs(*widget_ids: str, defaults: Optional[dict] = None, tooltips: Optional[dict] = None) -> dict:

@@ -11,6 +11,7 @@ from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter
 from g4seg_core.zeroshot.vocabulary import parse_classes
 
 from nodes import NODE_CLASS_MAPPINGS
+from nodes import common
 from nodes import comfy_zeroshot as cz
 from nodes import text_to_mask_node as tn
 
@@ -100,7 +101,7 @@ def test_missing_projection_sd1_and_width_errors():
     with pytest.raises(G4SegError, match="two halves of one CLIP"):
         tn.text_to_mask(FakeClip(tower), None, torch.rand(1, 32, 32, 3), "cat", ZeroShotConfig(templates="single"),
                         features=features)
-    assert cz.escape_prompt("a (b) c") == "a \\(b\\) c"
+    assert common.escape_prompt("a (b) c") == "a \\(b\\) c"
 
 
 def test_refine_classes_checks_mask_count():

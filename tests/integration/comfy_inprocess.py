@@ -180,7 +180,7 @@ def _v_prediction_copies(model, diffusers_dir, tmp):
 
 def drift(ckpt, diffusers_dir, cv_path, tmp):
     """Node vs core where the two used to drift: a non-square image both resize, a batch of two images
-    with two masks, CFG > 1, v-prediction; and G4SegRefine vs the `g4seg refine` command on PNG files."""
+    with two masks, CFG > 1, a class name with parentheses, v-prediction; and G4SegRefine vs the `g4seg refine` command on PNG files."""
     import subprocess
 
     import numpy as np
@@ -202,11 +202,11 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
         mask[y0:y1, x0:x1] = 1
         return image, mask
 
-    def node(m, images, masks, config):
+    def node(m, images, masks, config, label="cat"):
         with torch.inference_mode():
             prob, binary, generated = refine_node.refine(
                 m, clip, vae, cv, torch.from_numpy(np.stack(images)).float() / 255,
-                torch.from_numpy(np.stack(masks)), "cat", config)
+                torch.from_numpy(np.stack(masks)), label, config)
         return prob, generated
 
     def compare(name, node_out, core_results):
@@ -230,6 +230,10 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
     config_cfg = G4SegConfig(size=128, cfg_scale=3.0, seed=7)
     out.update([compare("cfg_3", node(model, [image], [mask], config_cfg),
                         [core.refine(image, mask, "cat", config_cfg)])])
+    # ComfyUI reads "(...)" as prompt weighting; the core reads it literally, and so must the node
+    label = "tv (monitor)"
+    out.update([compare("class_name_with_parentheses", node(model, [image], [mask], config, label),
+                        [core.refine(image, mask, label, config)])])
     model_v, folder_v = _v_prediction_copies(model, diffusers_dir, tmp)
     core_v = G4SegPipeline.from_pretrained(folder_v, clip=cv_path, device="cpu", dtype="float32")
     assert core_v.components.prediction_type == "v_prediction"

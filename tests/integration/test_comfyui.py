@@ -101,13 +101,14 @@ def test_node_and_core_give_the_same_refinement(models):
 
 
 def test_node_and_core_agree_where_they_used_to_drift(models, tmp_path):
-    """One flow: a non-square image both resize, a batch of two images with two masks, CFG 3 and
-    v-prediction give the same maps through ComfyUI and the core (same weights and seed); and
+    """One flow: a non-square image both resize, a batch of two images with two masks, CFG 3, a class
+    name with parentheses and v-prediction give the same maps through ComfyUI and the core (same weights and seed); and
     LoadImage -> G4SegRefine equals `g4seg refine` on the same PNG files (8-bit outputs within 2/255)."""
     res = _inprocess("drift", os.path.join(models, "checkpoints", CKPT),
                      os.path.join(models, "diffusers", CKPT.replace(".safetensors", "")),
                      os.path.join(models, "clip_vision", CLIP_VISION), str(tmp_path))
-    for case in ("non_square_resized", "batch_two_images_two_masks", "cfg_3", "v_prediction"):
+    for case in ("non_square_resized", "batch_two_images_two_masks", "cfg_3", "class_name_with_parentheses",
+                 "v_prediction"):
         r = res[case]
         assert r["changed_fraction"] > 0.005, (case, r)  # the refinement did move pixels
         assert r["prob_max_diff"] < 1e-3 and r["binary_agreement"] > 0.999, (case, r)
