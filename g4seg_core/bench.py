@@ -21,7 +21,7 @@ import torch
 
 from .config import G4SegConfig
 from .errors import G4SegError
-from .output_files import atomic_write_text
+from .output_files import atomic_write_text, prepare_output_file
 from .precision import dtype_name, resolve_dtype
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets"
@@ -152,6 +152,8 @@ def run_bench(args) -> int:
         raise G4SegError(f"--batch {batch}: use 0 (off) or a positive number of images")
     if args.repeats < 1:
         raise G4SegError(f"--repeats {args.repeats}: use 1 or more")
+    if args.json:
+        prepare_output_file(args.json, "--json")  # minutes of measuring must not end in an unwritable path
     print(f"g4seg bench: SD2.1 architecture, random weights, {args.size}x{args.size}, {device}, "
           f"{choice.name} ({choice.reason}), torch threads {torch.get_num_threads()}"
           + (", float32 reference in the same run" if reference is not None else ""))

@@ -90,3 +90,12 @@ def prepare_output_dir(path: PathLike, flag: str = "--out") -> Path:
         raise G4SegError(f"{flag} {out}: cannot write into the folder ({exc.strerror or exc}); "
                          f"choose a folder you can write to") from None
     return out
+
+
+def prepare_output_file(path: PathLike, flag: str) -> Path:
+    """Check before any work that ``path`` can be written: not a folder, its folder writable (created)."""
+    out = Path(path)
+    if out.is_dir():
+        raise G4SegError(f"{flag} {out} is a folder: give a file name, e.g. {out / 'bench.json'}")
+    prepare_output_dir(out.parent, flag=f"{flag} {out}: folder")
+    return out

@@ -102,6 +102,18 @@ def test_bench_refuses_half_precision_on_cpu_before_building(capsys):
     assert "--batch -1" in capsys.readouterr().err
 
 
+def test_bench_checks_its_json_path_before_building(tmp_path, capsys, monkeypatch):
+    from g4seg_core import bench
+
+    monkeypatch.setattr(bench, "bench_models", lambda: pytest.fail("models built before the --json check"))
+    assert main(["bench", "--device", "cpu", "--dtype", "float32", "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["bench", "--device", "cpu", "--dtype", "float32", "--json", str(blocker / "b.json")]) == 2
+    assert "a_file" in capsys.readouterr().err
+
+
 def test_a_broken_eval_module_is_loud_not_a_missing_subcommand(monkeypatch):
     """`g4seg` imports the eval sub-command directly: a broken import fails instead of hiding `eval`."""
     import importlib
