@@ -115,6 +115,14 @@ def main() -> int:
         return 0
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout")
+    if args.json:
+        from g4seg_core.errors import G4SegError
+        from g4seg_core.output_files import prepare_output_file
+
+        try:  # before the many minutes of measuring
+            prepare_output_file(args.json, "--json")
+        except G4SegError as exc:
+            parser.error(str(exc))
     core_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-core", "--checkpoint", args.checkpoint,
                 "--clip", args.clip, "--size", str(args.size), "--runs", str(args.runs)]
     if args.device:
@@ -154,7 +162,9 @@ def main() -> int:
         print(f"{name} vs {base}, same rounds: core {results[name][f'core_speedup_over_{base}']:.2f}x, "
               f"ComfyUI node {results[name][f'node_speedup_over_{base}']:.2f}x faster")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": rounds, "results": results}, indent=2))
+        from g4seg_core.output_files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"rounds": rounds, "results": results}, indent=2))
     return 0
 
 
