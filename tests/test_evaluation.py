@@ -395,12 +395,15 @@ def test_eval_resume_drops_and_redoes_damaged_lines(voc, tmp_path, capsys):
     assert run(voc, *BASE, "--out", out) == 0
     lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
     recs = [json.loads(x) for x in lines]
-    damaged = []
-    r = dict(recs[0]); del r["before"]; damaged.append(json.dumps(r).encode())                  # missing key
-    r = json.loads(lines[1]); r["after"]["biou"] = None; damaged.append(json.dumps(r).encode())  # null biou
-    damaged.append(lines[2].rstrip(b"\n").replace(b'"id"', b'"\xff\xfeid"'))                     # invalid UTF-8
-    r = dict(recs[3]); r["id"] = 7; damaged.append(json.dumps(r).encode())                      # integer id
-    r = dict(recs[4]); r["method"] = "renamed"; damaged.append(json.dumps(r).encode())          # unknown method
+    missing_key = dict(recs[0])
+    del missing_key["before"]
+    null_biou = json.loads(lines[1])
+    null_biou["after"]["biou"] = None
+    integer_id = {**recs[3], "id": 7}
+    unknown_method = {**recs[4], "method": "renamed"}
+    damaged = [json.dumps(missing_key).encode(), json.dumps(null_biou).encode(),
+               lines[2].rstrip(b"\n").replace(b'"id"', b'"\xff\xfeid"'),  # invalid UTF-8
+               json.dumps(integer_id).encode(), json.dumps(unknown_method).encode()]
     (out / "results.jsonl").write_bytes(b"\n".join(damaged) + b"\n" + b"".join(lines[5:]))
     capsys.readouterr()
     assert run(voc, *BASE, "--out", out) == 0
