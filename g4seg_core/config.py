@@ -99,7 +99,7 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("seed", "int", 0, "Noise seed; image i of a batch uses seed + i.", min=0, max=0xffffffffffffffff,
          widget_extra=(("control_after_generate", True),)),
     # Step 4: explicit mask injection.
-    Knob("prompt_template", "str", "a photo of a {}", "Prompt with '{}' where the class name goes.",
+    Knob("prompt_template", "str", "a photo of a {}", "Prompt with '{}' where the class name goes; literal text (no (word:1.2) weighting).",
          rule=_template_rule),
     Knob("emi_mode", "choice", "densediffusion", "Mask injection: densediffusion (DenseDiffusion's modulation, "
          "which the paper follows), additive (Eq. 5 bias) or off.", choices=EMI_MODES),
@@ -114,7 +114,7 @@ KNOBS: Tuple[Knob, ...] = (
     # Step 5: CFG is off by default (one conditional pass).
     Knob("cfg_scale", "float", 1.0, "Classifier-free guidance scale; 1 = one conditional pass (paper).",
          min=0.0, max=30.0, step=0.1, widget="cfg"),
-    Knob("negative_prompt", "str", "", "Negative prompt, used only when the CFG scale is not 1."),
+    Knob("negative_prompt", "str", "", "Negative prompt (literal text), used only when the CFG scale is not 1."),
     # Steps 6-9: correspondence and mixing.
     Knob("correspondence_grid", "int", 64, "Features are resampled to grid x grid before matching (0 = the CLIP "
          "patch grid; at most 128).", min=0, max=128, step=8, rule=_grid_rule, flag="--grid", widget="grid"),

@@ -131,9 +131,9 @@ def _additive(q, k, v, heads, bias):
 def _row_extremes(qh: torch.Tensor, kh: torch.Tensor, scale: float):
     """Row max and min of L = q k^T * scale, [B, heads, Nq] each (float32), in query chunks.
 
-    Extremes are taken in the matmul's own dtype and scaled afterwards: scale > 0 keeps the
-    order, so this equals scaling every logit first, without two extra passes over the block
-    (a float32 copy and a multiply), which cost as much as the matmul in bfloat16.
+    q is scaled before the matmul (the logits themselves, as SDPA computes them: unscaled q k^T can
+    overflow float16), and the extremes are taken in the matmul's own dtype: a float32 copy of every
+    logit costs as much as the bfloat16 matmul itself.
     """
     b, h, nq, _ = qh.shape
     nk = kh.shape[2]
@@ -141,26 +141,29 @@ def _row_extremes(qh: torch.Tensor, kh: torch.Tensor, scale: float):
     row_max = torch.empty(b, h, nq, dtype=qh.dtype, device=qh.device)
     row_min = torch.empty_like(row_max)
     # Contiguous once: the head-split views would otherwise be copied by every chunk's matmul.
-    queries, keys_t = qh.contiguous(), kh.transpose(-1, -2).contiguous()
+    queries, keys_t = (qh * scale).contiguous(), kh.transpose(-1, -2).contiguous()
     for start in range(0, nq, chunk):
         stop = min(nq, start + chunk)
         logits = torch.matmul(queries[:, :, start:stop], keys_t)
         row_max[:, :, start:stop] = logits.amax(dim=-1)
         row_min[:, :, start:stop] = logits.amin(dim=-1)
-    return row_max.float() * scale, row_min.float() * scale
+    return row_max.float(), row_min.float()
 
 
-def _foreground_span(qh: torch.Tensor, kh: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:
-    """max_i - min_i of L's rows, [B, heads, Nq] float32, computed on the foreground rows only.
+def _foreground_span(qh: torch.Tensor, kh: torch.Tensor, scale: float, rows: torch.Tensor,
+                     select_rows: Optional[bool] = None) -> torch.Tensor:
+    """max_i - min_i of L's rows, [B, heads, Nq] float32; 0 on background rows (`rows`: bool [Nq]).
 
-    Background rows are not modulated (s_i = 0), so their span is never used: skipping them
-    saves the background's share of the extra q k^T pass. `rows` is the bool [Nq] foreground.
+    Background rows are not modulated (s_i = 0), so their span is never used. `select_rows` (default:
+    on CPUs) computes the foreground rows only, saving the background's share of the extra q k^T
+    pass; elsewhere all rows are computed, since selecting them needs their count on the host: a sync
+    per layer costs a GPU more than the rows it skips.
     """
-    if qh.device.type != "cpu":
-        # Selecting rows needs their count on the host: a sync per layer costs a GPU more
-        # than the rows it skips.
+    if select_rows is None:
+        select_rows = qh.device.type == "cpu"
+    if not select_rows:
         row_max, row_min = _row_extremes(qh, kh, scale)
-        return row_max - row_min
+        return torch.where(rows, row_max - row_min, 0.0)  # not 0 * span: a span may be inf in float16
     b, h, nq, _ = qh.shape
     span = torch.zeros(b, h, nq, dtype=torch.float32, device=qh.device)
     index = rows.nonzero().flatten()
@@ -186,7 +189,7 @@ def _densediffusion(q, k, v, heads, key_vector, weight, area_scale, mask_tokens,
     strength = densediffusion_strength(weight, area_scale, mask_tokens, area)
     rows = mask_tokens > 0.5
     s_rows = strength * rows.float()  # [Nq]
-    bias_scale = s_rows * _foreground_span(qh, kh, scale, rows)  # [B, heads, Nq]: coefficient of R_i
+    bias_scale = strength * _foreground_span(qh, kh, scale, rows)  # [B, heads, Nq]: coefficient of R_i
     q_ext = torch.cat([qh * (1.0 - s_rows).to(qh.dtype)[:, None],
                        (bias_scale / scale).to(qh.dtype)[..., None]], dim=-1)
     k_ext = torch.cat([kh, key_vector.to(kh.dtype).view(1, 1, -1, 1).expand(b, h, -1, 1)], dim=-1)

@@ -97,5 +97,9 @@ def prepare_output_file(path: PathLike, flag: str) -> Path:
     out = Path(path)
     if out.is_dir():
         raise G4SegError(f"{flag} {out} is a folder: give a file name, e.g. {out / 'bench.json'}")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise G4SegError(f"{flag} {out}: {blocking} is a file, so nothing can be written under it; "
+                         "choose a path in a folder")
     prepare_output_dir(out.parent, flag=f"{flag} {out}: folder")
     return out

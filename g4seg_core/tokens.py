@@ -26,6 +26,7 @@ def find_token_positions(prompt_ids: Sequence[int], label_ids: Sequence[int],
     if not starts:
         raise G4SegError(
             f"class name {label!r} was not found in the tokenized prompt {prompt!r}: "
-            "the prompt template must contain '{}' where the class name goes, and the prompt must fit "
-            "in 77 tokens (shorten the template or the class name)")
+            "the prompt template must contain '{}' where the class name goes, the prompt must fit "
+            "in 77 tokens (shorten the template or the class name), and the characters around '{}' must "
+            "not merge with the name's tokens (e.g. '{}.' after a name ending in ')': write '{} .')")
     return [p for start in starts[-max(1, int(occurrences)):] for p in range(start, start + n)]

@@ -121,3 +121,16 @@ def test_different_prompts_are_sampled_apart(stand_ins):
     assert calls == [1, 1]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.prob, w.prob, atol=1e-4)
+
+
+def test_prompts_reach_comfyui_with_parentheses_escaped(stand_ins):
+    """ComfyUI's tokenizer reads "(...)" as prompt weighting; the core reads it literally. Every text the
+    backend hands to clip.tokenize escapes them (`\\(` is ComfyUI's literal parenthesis; the real
+    tokenizer's handling is checked in tests/integration, case class_name_with_parentheses)."""
+    pipe, clip, vae, _ = stand_ins
+    comfy = comfy_backend.ComfyBackend("model", clip, vae, extractor=pipe.clip)
+    comfy.prompt("a photo of a tv (monitor)", "tv (monitor)")
+    comfy.prompt("blurry (low quality)", None)
+    tokenized = set(clip.texts.values())
+    assert {"a photo of a tv \\(monitor\\)", "tv \\(monitor\\)", "blurry \\(low quality\\)"} <= tokenized
+    assert not any("(" in t.replace("\\(", "") for t in tokenized)

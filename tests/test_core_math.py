@@ -201,9 +201,22 @@ def test_row_extremes_equal_scaling_every_logit_first(dtype, monkeypatch):
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # chunked matmuls may round differently, nothing more
     assert torch.allclose(row_max, logits.amax(-1), atol=tol) and torch.allclose(row_min, logits.amin(-1), atol=tol)
     rows = torch.tensor([True, False, False, True, True, False, False, False, False, True])
-    span = injection._foreground_span(qh, kh, 0.35, rows)
-    assert torch.equal(span[:, :, rows], (row_max - row_min)[:, :, rows])
-    assert not span[:, :, ~rows].any()  # background rows are never modulated: not computed
+    want = logits.amax(-1) - logits.amin(-1)
+    for select_rows in (True, False):  # True: the CPU path (foreground rows only); False: the GPU path
+        span = injection._foreground_span(qh, kh, 0.35, rows, select_rows=select_rows)
+        assert torch.allclose(span[:, :, rows], want[:, :, rows], atol=2 * tol)
+        assert not span[:, :, ~rows].any()  # background rows are never modulated: 0
+
+
+def test_float16_logits_beyond_its_range_stay_finite_on_background_rows():
+    # Unscaled q k^T of 3.3e5 overflows float16 (max 65504); the scaled logits (4.1e4) do not.
+    qh = torch.full((1, 1, 4, 64), 2.0 ** 5 * 0.7, dtype=torch.float16)
+    kh = torch.full((1, 1, 4, 64), 2.0 ** 8 * 0.9, dtype=torch.float16)
+    kh[..., 0, :] *= -1
+    rows = torch.tensor([True, False, True, False])
+    for select_rows in (True, False):
+        span = injection._foreground_span(qh, kh, 0.125, rows, select_rows=select_rows)
+        assert torch.isfinite(span).all() and not span[:, :, ~rows].any()
 
 
 def test_only_selected_rows_are_modulated_and_off_is_plain():
