@@ -16,6 +16,7 @@ skipped when widgets_values are loaded; `control_after_generate` adds one saved 
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -111,6 +112,27 @@ def _type_of(spec):
 
 def _opts(spec):
     return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def value_error(value, spec):
+    """Why a widget value does not fit its declared input spec ((type or choices, options)), or None.
+    Shared with tests/integration/test_page.py, which checks the page's prompt against /object_info."""
+    kind, opts = _type_of(spec), _opts(spec)
+    if kind == "COMBO":
+        choices = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        return None if value in choices else f"{value!r} is not one of {choices[:8]}"
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{value!r} is not a finite number"
+        if ("min" in opts and value < opts["min"]) or ("max" in opts and value > opts["max"]):
+            return f"{value} outside [{opts.get('min')}, {opts.get('max')}]"
+        if kind == "INT" and int(value) != value:
+            return f"{value} is not an integer"
+    if kind == "STRING" and not isinstance(value, str):
+        return f"{value!r} is not a string"
+    if kind == "BOOLEAN" and not isinstance(value, bool):
+        return f"{value!r} is not a boolean"
+    return None
 
 
 def widget_slots(info_node):
@@ -237,21 +259,12 @@ def validate_workflow(workflow, object_info, check_widgets=True):
         specs = {n: s for n, s, _ in widget_slots(info)}
         for name, value in values.items():
             spec = specs[name]
-            t, o = _type_of(spec), _opts(spec)
-            if t == "COMBO" and isinstance(spec[0], list):
-                if spec[0] and value not in spec[0] and not o.get("image_upload"):
-                    errors.append(f"node {node['id']} {node['type']}.{name}: {value!r} not in {spec[0]}")
-            elif t in ("INT", "FLOAT"):
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    errors.append(f"node {node['id']} {node['type']}.{name}: {value!r} is not a number")
-                elif ("min" in o and value < o["min"]) or ("max" in o and value > o["max"]):
-                    errors.append(f"node {node['id']} {node['type']}.{name}: {value} outside [{o.get('min')}, {o.get('max')}]")
-                elif t == "INT" and int(value) != value:
-                    errors.append(f"node {node['id']} {node['type']}.{name}: {value} is not an integer")
-            elif t == "STRING" and not isinstance(value, str):
-                errors.append(f"node {node['id']} {node['type']}.{name}: {value!r} is not a string")
-            elif t == "BOOLEAN" and not isinstance(value, bool):
-                errors.append(f"node {node['id']} {node['type']}.{name}: {value!r} is not a boolean")
+            # Upload combos list the files of the server's input folder: not known here.
+            if _type_of(spec) == "COMBO" and (spec[0] == [] or _opts(spec).get("image_upload")):
+                continue
+            error = value_error(value, spec)
+            if error:
+                errors.append(f"node {node['id']} {node['type']}.{name}: {error}")
     return errors
 
 

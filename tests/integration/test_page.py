@@ -20,7 +20,6 @@ An old-layout file (upload value after the file name) loads with its values in p
 
 import glob
 import json
-import math
 import os
 import shutil
 import sys
@@ -42,7 +41,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium ({CHROMIUM}): apt-get install chromium or set G4SEG_CHROMIUM; then {HOW_TO_RUN}",
                 allow_module_level=True)
 
-from test_workflows import VIRTUAL_NODES, ui_to_api  # noqa: E402
+from test_workflows import VIRTUAL_NODES, ui_to_api, value_error  # noqa: E402
 
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
 WORKFLOWS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
@@ -192,22 +191,9 @@ def _value_errors(prompt, info):
                 continue
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
                 continue  # a link
-            kind, opts = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
-            if isinstance(kind, list) or kind == "COMBO":
-                choices = kind if isinstance(kind, list) else opts.get("options", [])
-                if value not in choices:
-                    errors.append(f"{where}.{name}: {value!r} is not one of {choices[:8]}")
-            elif kind in ("INT", "FLOAT"):
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    errors.append(f"{where}.{name}: {value!r} is not a finite number")
-                elif ("min" in opts and value < opts["min"]) or ("max" in opts and value > opts["max"]):
-                    errors.append(f"{where}.{name}: {value} outside [{opts.get('min')}, {opts.get('max')}]")
-                elif kind == "INT" and int(value) != value:
-                    errors.append(f"{where}.{name}: {value} is not an integer")
-            elif kind == "STRING" and not isinstance(value, str):
-                errors.append(f"{where}.{name}: {value!r} is not a string")
-            elif kind == "BOOLEAN" and not isinstance(value, bool):
-                errors.append(f"{where}.{name}: {value!r} is not a boolean")
+            error = value_error(value, specs[name])
+            if error:
+                errors.append(f"{where}.{name}: {error}")
     return errors
 
 
