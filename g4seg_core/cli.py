@@ -13,12 +13,11 @@ from typing import Dict, List, Optional, Tuple
 from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args
 from .config import DTYPE_CHOICES, G4SegConfig
 from .errors import G4SegError
+from .image_files import IMAGE_EXTS, MASK_EXTS
 from .output_files import os_error_message
 from .evaluation.cli import add_eval_parser
 from .segment_command import add_segment_parser
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
 
 
 

@@ -25,6 +25,8 @@ from .errors import G4SegError
 PathLike = Union[str, "os.PathLike[str]"]
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # what folder inputs pick up
+MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
 _OPEN_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 

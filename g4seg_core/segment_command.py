@@ -25,8 +25,8 @@ from typing import List
 
 from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args
 from .errors import G4SegError, ModelNotFoundError
+from .image_files import IMAGE_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def add_segment_parser(sub) -> None:

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import G4SegError
+from ..image_files import IMAGE_EXTS, MASK_EXTS
 from ..perturb import derive_seed, make_coarse, parse_protocol
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-MASK_EXTS = (".png", ".npy", ".bmp", ".tif", ".tiff")
 
 # Prompt-friendly spellings of the VOC names (the class name goes into "a photo of a {}").
 PROMPT_NAMES = {"aeroplane": "aeroplane", "diningtable": "dining table",

@@ -218,14 +218,6 @@ def warn_damaged(damaged: Sequence[DamagedLine], out=None) -> None:
               f"their images are evaluated again", file=out)
 
 
-def read_records(paths: Iterable[Path], num_classes: Optional[int] = None,
-                 methods: Optional[Sequence[str]] = None) -> List[dict]:
-    """Every valid record of the given JSONL files; damaged lines are skipped with a warning."""
-    records, damaged = load_records(paths, num_classes, methods)
-    warn_damaged(damaged)
-    return records
-
-
 def dedupe(records: Iterable[dict]) -> List[dict]:
     """One record per (id, method) (the first seen), sorted by (id, method)."""
     seen: Dict[Tuple[str, str], dict] = {}
