@@ -55,12 +55,18 @@ class G4SegPipeline:
         from .model_files import find_checkpoint, find_clip_vision
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        load_dtype = resolve_dtype(dtype, device).dtype  # before the files are read: a wrong choice fails first
+        chosen = [resolve_dtype(dtype, device)]  # before the files are read: a wrong choice fails first
+
+        def load_dtype(detected_family: str) -> torch.dtype:
+            if dtype in (None, "auto"):  # auto may depend on the family (SDXL on GPUs): cast the weights once
+                chosen[0] = resolve_dtype(dtype, device, detected_family)
+            return chosen[0].dtype
+
         ckpt = find_checkpoint(checkpoint, comfyui_dir)
         clip_path = find_clip_vision(clip, comfyui_dir)
         components = load_sd_components(ckpt, family=family, dtype=load_dtype, device="cpu")
         clip_model = load_clip_vision(clip_path, device="cpu")
-        return cls(components, clip_model, device=device, dtype=dtype)
+        return cls(components, clip_model, device=device, dtype=chosen[0])
 
     @classmethod
     def tiny(cls, family: str = "sd21", prediction_type: str = "epsilon", seed: int = 0,

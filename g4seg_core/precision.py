@@ -78,13 +78,15 @@ def _cuda_native_bf16(device: torch.device) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def resolve_dtype(requested: Union[str, torch.dtype, None], device: Union[str, torch.device],
+def resolve_dtype(requested: Union[str, torch.dtype, DtypeChoice, None], device: Union[str, torch.device],
                   family: Optional[str] = None) -> DtypeChoice:
     """The dtype to compute in on `device` for `requested` ("auto", a name or a torch dtype).
 
     An explicit choice wins unless it cannot work there (a G4SegError names the fix);
     `family` (sd15/sd21/sd21v/sdxl) refines auto on GPUs.
     """
+    if isinstance(requested, DtypeChoice):  # already resolved (G4SegPipeline.from_pretrained)
+        return requested
     device = torch.device(device)
     if isinstance(requested, torch.dtype):
         if requested not in NAMES:
@@ -105,7 +107,8 @@ def resolve_dtype(requested: Union[str, torch.dtype, None], device: Union[str, t
         if not fast:
             log.warning("g4seg: bfloat16 as asked, but %s: --dtype float32 is faster here", why)
             return DtypeChoice(dtype, f"asked for ({why}: slower than float32)")
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (pre-Ampere)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _cuda_native_bf16(device):
         raise G4SegError(f"dtype bfloat16 on {torch.cuda.get_device_name(device)}: this GPU has no bfloat16; "
                          "use --dtype float16 (or auto)")
     return DtypeChoice(dtype, "asked for")

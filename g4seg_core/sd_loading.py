@@ -69,7 +69,7 @@ def load_single_file(path: Union[str, Path], family: Optional[str] = None, dtype
     assign_weights(components.vae, converted["vae"], "VAE", source, hint, unconverted=leftovers["vae"])
     for i, (encoder, weights) in enumerate(zip(components.text_encoders, converted["text_encoders"])):
         assign_weights(encoder, weights, f"text encoder {i + 1}", source, hint)
-    return components.to(device, dtype)
+    return components.to(device, _dtype_for(dtype, family))
 
 
 def _variant(folder: Path, stem: str) -> Optional[str]:
@@ -143,13 +143,20 @@ def load_diffusers_folder(path: Union[str, Path], family: Optional[str] = None, 
                               tokenizer=G4SegTokenizer(FAMILIES[family]["pads"][0]), family=family,
                               prediction_type=prediction_type, alphas_cumprod=scheduler_alphas_cumprod(scheduler or None),
                               vae_scaling_factor=float(vae.config.scaling_factor), files=files, text_layers=text_layers)
-    return components.to(device, dtype)
+    return components.to(device, _dtype_for(dtype, family))
 
 
-def load_sd_components(path: Union[str, Path], family: Optional[str] = None, dtype: torch.dtype = torch.float32,
+def _dtype_for(dtype, family: str) -> torch.dtype:
+    return dtype(family) if callable(dtype) else dtype
+
+
+def load_sd_components(path: Union[str, Path], family: Optional[str] = None, dtype=torch.float32,
                        device="cpu", prediction_type: Optional[str] = None,
                        configs: Optional[Mapping] = None) -> SDComponents:
     """Load SD components from a diffusers folder or a single .safetensors/.ckpt file; never downloads.
+
+    dtype: a torch dtype, or a function of the detected family returning one (the weights are cast
+    once, from the file's own dtype, after the family is known).
 
     family: None (detected), or "sd15" / "sd21" / "sd21v" / "sdxl". SD2.x's v-prediction
     cannot always be read from the weights: give family="sd21v" (or prediction_type=

@@ -176,6 +176,11 @@ def test_single_file_ckpt_and_dtype(tmp_path):
     _assert_same(original, loaded)
     half = load_sd_components(path, configs=tiny_configs("sd15"), dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16 and half.text_encoders[0].dtype == torch.bfloat16
+    # a dtype that depends on the detected family (auto on GPUs: bf16 for SDXL) is chosen after detection
+    seen = []
+    by_family = load_sd_components(path, configs=tiny_configs("sd15"),
+                                   dtype=lambda family: seen.append(family) or torch.bfloat16)
+    assert seen == ["sd15"] and by_family.vae.dtype == torch.bfloat16
 
 
 def test_sd2_prediction_type(tmp_path):
