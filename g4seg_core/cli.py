@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args
 from .config import DTYPE_CHOICES, G4SegConfig
 from .errors import G4SegError
-from .image_files import IMAGE_EXTS, MASK_EXTS
+from .image_files import IMAGE_EXTS, MASK_EXTS, files_by_stem
 from .output_files import os_error_message
 from .evaluation.cli import add_eval_parser
 from .segment_command import add_segment_parser
@@ -27,24 +27,6 @@ OUTPUT_SUFFIXES = {"refined_prob": "_refined_prob.png", "refined_mask": "_refine
 RUN_REPORT = "g4seg_run.json"  # a folder run's list of done, skipped and failed images
 
 
-def _by_stem(folder: Path, exts, what: str) -> Dict[str, Path]:
-    """{stem: file} of a folder; two files with one stem are an error (their outputs would collide)."""
-    found: Dict[str, List[Path]] = {}
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError as exc:
-        raise G4SegError(f"cannot list {what} folder {os_error_message(exc)}") from None
-    for p in entries:
-        if p.suffix.lower() in exts and not p.name.startswith("."):
-            found.setdefault(p.stem, []).append(p)
-    clashes = {stem: ps for stem, ps in found.items() if len(ps) > 1}
-    if clashes:
-        shown = "; ".join(" and ".join(p.name for p in ps) for ps in list(clashes.values())[:5])
-        raise G4SegError(f"{len(clashes)} name(s) in {what} folder {folder} are used by several files ({shown}): "
-                         f"each stem names one output (stem_refined_mask.png ...); rename or move one of each")
-    return {stem: ps[0] for stem, ps in found.items()}
-
-
 def _pairs(image: Path, mask: Path) -> Tuple[List[Tuple[Path, Path]], Dict[str, str]]:
     """(image, mask) pairs and {image name: why it has no pair}."""
     for p in (image, mask):
@@ -54,8 +36,8 @@ def _pairs(image: Path, mask: Path) -> Tuple[List[Tuple[Path, Path]], Dict[str, 
         raise G4SegError("IMAGE and MASK must both be files or both be folders")
     if not image.is_dir():
         return [(image, mask)], {}
-    images = _by_stem(image, IMAGE_EXTS, "image")
-    masks = _by_stem(mask, MASK_EXTS, "mask")
+    images = files_by_stem(image, IMAGE_EXTS, "image")
+    masks = files_by_stem(mask, MASK_EXTS, "mask")
     if not images:
         raise G4SegError(f"no images ({', '.join(IMAGE_EXTS)}) in {image}")
     pairs = [(images[s], masks[s]) for s in sorted(images) if s in masks]

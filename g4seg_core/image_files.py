@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import G4SegError
+from .output_files import os_error_message
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -182,3 +184,22 @@ def read_rgb(path: PathLike, what: str = "image") -> RGBPicture:
     if path.lower().endswith(".npy"):
         return _array_picture(load_npy(path, what), f"{what} {path!r}")
     return picture_from_image(open_image(path, what), f"{what} {path!r}")
+
+
+def files_by_stem(folder: Path, exts, what: str) -> Dict[str, Path]:
+    """{stem: file} of the `exts` files in a folder (dotfiles skipped); two files with one stem are an
+    error: the outputs are named by stem and would overwrite each other."""
+    found: Dict[str, List[Path]] = {}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise G4SegError(f"cannot list {what} folder {os_error_message(exc)}") from None
+    for p in entries:
+        if p.suffix.lower() in exts and not p.name.startswith("."):
+            found.setdefault(p.stem, []).append(p)
+    clashes = {stem: ps for stem, ps in found.items() if len(ps) > 1}
+    if clashes:
+        shown = "; ".join(" and ".join(p.name for p in ps) for ps in list(clashes.values())[:5])
+        raise G4SegError(f"{len(clashes)} name(s) in {what} folder {folder} are used by several files ({shown}): "
+                         f"outputs are named by stem (stem_refined_mask.png ...); rename or move one of each")
+    return {stem: ps[0] for stem, ps in found.items()}

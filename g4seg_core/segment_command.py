@@ -25,7 +25,7 @@ from typing import List
 
 from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args
 from .errors import G4SegError, ModelNotFoundError
-from .image_files import IMAGE_EXTS
+from .image_files import IMAGE_EXTS, files_by_stem
 
 
 
@@ -134,7 +134,7 @@ def class_file_names(names) -> List[str]:
 
 def _images(path: Path) -> List[Path]:
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        found = sorted(files_by_stem(path, IMAGE_EXTS, "image").values())
         if not found:
             raise G4SegError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
         return found

@@ -68,6 +68,9 @@ def test_segment_refine_and_errors(tmp_path):
     assert main(["segment", str(folder), "--classes", " , ", "--out", str(out), *FAST]) == 2
     assert main(["segment", str(folder), "--classes", "cat, cat", "--out", str(out), *FAST]) == 2
     assert main(["segment", str(folder), "--classes", "cat", "--out", str(out), *FAST, "--stride", "500"]) == 2
+    _image(folder / "a.jpg")  # a.png and a.jpg would both write OUT/a.png: refused before any work
+    assert main(["segment", str(folder), "--classes", "cat", "--out", str(tmp_path / "o3"), *FAST]) == 2
+    assert not (tmp_path / "o3").exists() or not any((tmp_path / "o3").iterdir())
 
 
 def test_segment_output_is_an_eval_coarse_source(tmp_path):
