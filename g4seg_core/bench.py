@@ -47,12 +47,11 @@ def _timed(fn, repeats: int, sync, cpu_times=None):
 
 def _example_inputs(size: int):
     from . import mask_files
+    from .image_files import read_rgb
 
     image_path, mask_path = EXAMPLES / "cat.png", EXAMPLES / "cat_coarse.png"
     if image_path.exists() and mask_path.exists():
-        from PIL import Image
-
-        return np.asarray(Image.open(image_path).convert("RGB")), mask_files.load_probability(mask_path)
+        return read_rgb(image_path).pixels, mask_files.load_probability(mask_path)
     rng = np.random.default_rng(0)
     mask = np.zeros((size, size), np.float32)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1

@@ -67,7 +67,7 @@ def load_mask(path: Path, args):
     return load_probability(path)
 
 
-def check_pair(image_path: Path, mask_path: Path, args, config: G4SegConfig, quiet: bool = False):
+def check_pair(image_path: Path, mask_path: Path, args, quiet: bool = False):
     """Read and check one pair as refine will (framing, mask range, empty/full): (image, mask)."""
     from .masks import check_same_framing, validate_probability
     from .softening import prepare_coarse
@@ -153,7 +153,7 @@ def cmd_refine(args) -> int:
             skipped.append(image_path.name)
             continue
         try:
-            check_pair(image_path, mask_path, args, config, quiet=True)
+            check_pair(image_path, mask_path, args, quiet=True)
         except (G4SegError, OSError) as exc:
             if not folder:
                 raise
@@ -177,7 +177,7 @@ def cmd_refine(args) -> int:
         pipe, models = build_pipeline(args, config)
         for image_path, mask_path in tqdm(todo, desc="g4seg refine", unit="image", disable=len(todo) == 1):
             try:
-                image, mask = check_pair(image_path, mask_path, args, config)
+                image, mask = check_pair(image_path, mask_path, args)
                 result = pipe.refine(image, mask, args.label, config)
                 extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
                          "models": models, "clip": getattr(pipe.clip, "name", "clip"),

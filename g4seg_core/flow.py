@@ -198,9 +198,7 @@ def prepare_images(backend: Backend, images: Sequence, config: G4SegConfig, timi
 
 def prepare_mask(mask, context: ImageContext, config: G4SegConfig) -> Tuple[np.ndarray, str]:
     """Validate, check the framing against the image, soften a binary mask: (prob at mask size, description)."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().float().numpy()
-    prob = validate_probability(np.asarray(mask, dtype=np.float32), name="mask")
+    prob = validate_probability(mask, name="mask")
     check_same_framing(context.size_hw, prob.shape)
     return prepare_coarse(prob, max(context.work_hw), config.soften, config.soften_width)
 

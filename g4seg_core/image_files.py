@@ -85,12 +85,21 @@ def file_size_hw(path: PathLike, what: str = "image") -> Tuple[int, int]:
         if arr.ndim < 2:
             raise G4SegError(f"{what} {path!r} has shape {arr.shape}; an [H, W] or [H, W, C] array is needed")
         return int(arr.shape[0]), int(arr.shape[1])
+    width, height = _header(path, what).size
+    return int(height), int(width)
+
+
+def file_mode(path: PathLike, what: str = "image") -> str:
+    """PIL mode of an image file ("P", "L", "RGB", ...) from its header, without decoding the pixels."""
+    return _header(check_regular_file(path, what), what).mode
+
+
+def _header(path: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            width, height = img.size
+            return img
     except _OPEN_ERRORS as exc:
         raise G4SegError(f"cannot read {what} {path!r} ({exc})") from None
-    return int(height), int(width)
 
 
 @dataclass

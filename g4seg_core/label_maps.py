@@ -64,15 +64,7 @@ def class_probability_from_label_map(labels, class_index: Union[int, str]) -> np
     arr = as_numpy(labels)
     if arr.ndim != 2:
         raise G4SegError(f"label map has shape {tuple(arr.shape)}; a single [H, W] map is needed")
-    if isinstance(class_index, str):
-        idx = parse_class_choice(class_index)
-    else:
-        idx = int(class_index)
-    if idx == IGNORE_INDEX:
-        raise G4SegError("class 255 is the 'ignore' label, not a class; pick a class index 0..254")
-    if not 0 <= idx <= 254:
-        raise G4SegError(f"class index {idx}: use 0..254")
-    return (arr == idx).astype(np.float32)
+    return (arr == parse_class_choice(class_index)).astype(np.float32)
 
 
 # A greyscale file with more distinct values than this is a soft mask, not class indices.
@@ -85,7 +77,7 @@ def class_probability_from_file(path, class_choice: Union[int, str]) -> Tuple[np
     A greyscale image that holds many grey levels, or only 0 and 255, is a mask or a probability
     map, not a label map: that is said instead of "class not found" or an empty mask.
     """
-    from .image_files import open_image
+    from .image_files import file_mode
     from .mask_files import load_label_map
     from .palettes import VOC_CLASSES, parse_class_choice
 
@@ -95,7 +87,7 @@ def class_probability_from_file(path, class_choice: Union[int, str]) -> Tuple[np
     present = [int(v) for v in np.unique(labels)]
     prob = class_probability_from_label_map(labels, idx)
     name = VOC_CLASSES[idx] if idx < len(VOC_CLASSES) else f"class {idx}"
-    greyscale = not path.lower().endswith(".npy") and open_image(path, "label map").mode not in ("P", "PA")
+    greyscale = not path.lower().endswith(".npy") and file_mode(path, "label map") not in ("P", "PA")
     if greyscale and (len(present) > _MAX_LABEL_VALUES or (set(present) <= {0, IGNORE_INDEX} and not prob.any())):
         kind = "a binary 0/255 mask" if set(present) <= {0, IGNORE_INDEX} else \
             f"a greyscale mask with {len(present)} grey levels"

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import G4SegError
-from .image_files import load_npy, open_image
+from .image_files import SIXTEEN_BIT_MODES, load_npy, open_image
 from .masks import as_numpy, validate_probability
 from .output_files import save_image
 
@@ -46,10 +46,7 @@ def load_probability(path: PathLike) -> np.ndarray:
     """
     path = os.fspath(path)
     if path.lower().endswith(".npy"):
-        arr = _load_npy(path)
-        if arr.dtype == bool:
-            arr = arr.astype(np.float32)
-        return validate_probability(arr, name=f"mask {path!r}")
+        return validate_probability(_load_npy(path), name=f"mask {path!r}")
 
     img = _open_image(path)
     mode = img.mode
@@ -62,8 +59,8 @@ def load_probability(path: PathLike) -> np.ndarray:
         return np.asarray(img, dtype=bool).astype(np.float32)
     if mode in ("L", "LA"):
         arr = np.asarray(img.getchannel("L"))
-        return _from_integer(arr, 255.0)
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return _from_8bit(arr)
+    if mode in SIXTEEN_BIT_MODES:
         return (np.asarray(img).astype(np.float64) / 65535.0).astype(np.float32)
     if mode == "I":
         arr = np.asarray(img).astype(np.int64)
@@ -81,16 +78,16 @@ def load_probability(path: PathLike) -> np.ndarray:
                 f"colour/palette segmentation or a photo, not a grayscale probability mask. For a "
                 f"coloured label map (e.g. VOC colours) use load_label_map and choose the class "
                 f"(class option); for a mask, save it as a grayscale PNG (white = foreground)")
-        return _from_integer(rgb[..., 0], 255.0)
+        return _from_8bit(rgb[..., 0])
     raise G4SegError(f"{path!r} has image mode {mode!r}, which is not a mask format; save the "
                      f"mask as an 8- or 16-bit grayscale PNG (white = foreground)")
 
 
-def _from_integer(arr: np.ndarray, full_scale: float) -> np.ndarray:
+def _from_8bit(arr: np.ndarray) -> np.ndarray:
     """8-bit pixels -> [0, 1]; images holding only 0 and 1 are 0/1 binary masks."""
     if arr.max() <= 1:
         return arr.astype(np.float32)
-    return (arr.astype(np.float64) / full_scale).astype(np.float32)
+    return (arr.astype(np.float64) / 255.0).astype(np.float32)
 
 
 def save_probability_png16(prob, path: PathLike) -> str:

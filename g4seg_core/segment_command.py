@@ -70,7 +70,7 @@ def _device(args):
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _tiny(args, why: str):
+def _tiny(why: str):
     from .tiny import tiny_text_to_mask
 
     print(RANDOM_BANNER, file=sys.stderr)
@@ -85,7 +85,7 @@ def load_models(args, config):
     from .zeroshot import check_widths, load_text_tower, neighbourhood_features
 
     if args.selfcheck:
-        return _tiny(args, "")
+        return _tiny("")
     from .precision import dtype_name, resolve_dtype
 
     device = _device(args)
@@ -106,7 +106,7 @@ def load_models(args, config):
         if not args.selfcheck_if_missing:
             raise
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
-        return _tiny(args, "; no weights found")
+        return _tiny("; no weights found")
     features = neighbourhood_features(load_clip_vision(clip, device=device, dtype=dtype), config.sigma)
     width = _vision_width(features)
     if width is not None:
@@ -150,7 +150,6 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     from .output_files import save_image
     from .visualize import label_overlay
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = {"labels": out_dir / f"{stem}.png", "overlay": out_dir / f"{stem}_overlay.jpg"}
     save_label_map_png(result["labels"], files["labels"])
     for name, prob in zip(file_names, result["probs"]):
