@@ -22,7 +22,7 @@ import torch
 from .config import G4SegConfig
 from .errors import G4SegError
 from .output_files import atomic_write_text, prepare_output_file
-from .precision import dtype_name, resolve_dtype
+from .precision import default_device, dtype_name, resolve_dtype
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets"
 
@@ -67,7 +67,7 @@ def _measure(pipe, image, mask, config, repeats: int, latent_in=None) -> dict:
     """One dtype: end to end (median of `repeats` after a warm-up), per-stage and bare-pass seconds, and
     the outputs the agreement figures compare. Bare UNet/decode passes start from `latent_in` (the first
     dtype's VAE latent) so that every dtype is compared on the same input."""
-    sync = pipe._sync
+    sync = pipe.sync
     pipe.refine(image, mask, "cat", config)  # warm-up (allocations, kernels, prompt cache)
     results, cpu_times = [], []
     e2e_time, _ = _timed(lambda: results.append(pipe.refine(image, mask, "cat", config)), repeats, sync, cpu_times)
@@ -143,7 +143,7 @@ def run_bench(args) -> int:
     from .correspondence import match_upsampled_features
     from .pipeline import G4SegPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     choice = resolve_dtype(args.dtype, device, "sd21")
     reference = None if args.reference == "none" or choice.dtype == torch.float32 else torch.float32
     batch = args.batch if args.batch is not None else (0 if device == "cpu" else 8)
@@ -198,7 +198,7 @@ def run_bench(args) -> int:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         pipe.refine_batch(images, masks, "cat", config)  # warm-up at this batch size
-        t_batch, _ = _timed(lambda: pipe.refine_batch(images, masks, "cat", config), args.repeats, pipe._sync)
+        t_batch, _ = _timed(lambda: pipe.refine_batch(images, masks, "cat", config), args.repeats, pipe.sync)
         numbers.update({"batch": batch, "batch_s": t_batch, "images_per_s_batched": batch / t_batch,
                         "seconds_per_image_batched": t_batch / batch})
         if device.startswith("cuda"):

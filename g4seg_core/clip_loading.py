@@ -196,12 +196,13 @@ def _clip_vision_named(name: str, path: Path, device, dtype):
 
     from .clip_features import DenseCLIPFeatures
 
-    if name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if m.lower().startswith(name.lower()[:5])][:8]
+    known = open_clip.list_models()
+    if name not in known:
+        close = [m for m in known if m.lower().startswith(name.lower()[:5])][:8]
         raise G4SegError(f"{name!r} is not an open_clip model name; e.g. {close or ['ViT-B-16', 'ViT-L-14']}")
-    state_dict = load_state_dict_file(path) if path.is_file() else None
-    if state_dict is None:
+    if not path.is_file():
         raise G4SegError(f"{path} is not a weights file")
+    state_dict = load_state_dict_file(path)
     quick = name.endswith("quickgelu") or _is_openai(state_dict, path)
     try:
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)

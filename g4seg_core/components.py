@@ -56,11 +56,6 @@ class SDComponents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def native_size(self) -> int:
-        """The resolution the family was trained at (512, 768 for SD2.x-v, 1024 for SDXL)."""
-        return FAMILIES[self.family]["size"]
-
-    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 

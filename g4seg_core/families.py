@@ -20,7 +20,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 # Per family: shipped configs, how the prompt is encoded, the tokenizer padding of each
-# text encoder, the prediction type and the native resolution.
+# text encoder and the prediction type.
 #   text_layers: "last" = last_hidden_state (after the final layer norm);
 #                "penultimate" = hidden_states[-2], no final norm (SDXL);
 #                "penultimate_norm" = hidden_states[-2] then the final norm (SD2 when the
@@ -28,14 +28,13 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #                23 layers, so "last" is already SD2's penultimate-then-norm).
 FAMILIES: Dict[str, dict] = {
     "sd15": dict(unet="unet_sd15.json", vae="vae_sd.json", text=["text_clip_l.json"],
-                 text_layers=["last"], pads=[END_TOKEN], prediction_type="epsilon", size=512),
+                 text_layers=["last"], pads=[END_TOKEN], prediction_type="epsilon"),
     "sd21": dict(unet="unet_sd21.json", vae="vae_sd.json", text=["text_openclip_h.json"],
-                 text_layers=["last"], pads=[0], prediction_type="epsilon", size=512),
+                 text_layers=["last"], pads=[0], prediction_type="epsilon"),
     "sd21v": dict(unet="unet_sd21v.json", vae="vae_sd.json", text=["text_openclip_h.json"],
-                  text_layers=["last"], pads=[0], prediction_type="v_prediction", size=768),
+                  text_layers=["last"], pads=[0], prediction_type="v_prediction"),
     "sdxl": dict(unet="unet_sdxl.json", vae="vae_sdxl.json", text=["text_clip_l.json", "text_openclip_bigg.json"],
-                 text_layers=["penultimate", "penultimate"], pads=[END_TOKEN, 0], prediction_type="epsilon",
-                 size=1024),
+                 text_layers=["penultimate", "penultimate"], pads=[END_TOKEN, 0], prediction_type="epsilon"),
 }
 
 

@@ -21,7 +21,7 @@ from .errors import G4SegError
 from .flow import ImageContext, RefineResult
 from .injection import InjectionSettings
 from .label_maps import fuse_multiclass
-from .precision import resolve_dtype, vae_channels_last
+from .precision import default_device, resolve_dtype, vae_channels_last
 from .schedule import add_noise, alpha_bar_at, predict_x0
 from .tokens import find_token_positions
 
@@ -36,7 +36,7 @@ class MultiRefineResult:
 class G4SegPipeline:
     def __init__(self, components, clip, device: Optional[str] = None, dtype="auto"):
         """`dtype`: "auto" (precision.resolve_dtype), a dtype name or a torch dtype; `dtype_reason` says why."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(default_device(device))
         choice = resolve_dtype(dtype, self.device, components.family)
         self.dtype, self.dtype_reason = choice.dtype, choice.reason
         self.components = components.to(self.device, self.dtype)
@@ -54,7 +54,7 @@ class G4SegPipeline:
         from .sd_loading import load_sd_components
         from .model_files import find_checkpoint, find_clip_vision
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(device)
         chosen = [resolve_dtype(dtype, device)]  # before the files are read: a wrong choice fails first
 
         def load_dtype(detected_family: str) -> torch.dtype:
@@ -81,8 +81,6 @@ class G4SegPipeline:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    _sync = sync  # the benchmark's name
 
     def to_pixels(self, image, size: int) -> torch.Tensor:
         """Image -> [1, 3, size, size] in [0, 1] on the device (flow's resize: antialiased bicubic, no crop)."""

@@ -78,6 +78,13 @@ def _cuda_native_bf16(device: torch.device) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def default_device(device: Optional[Union[str, torch.device]] = None) -> str:
+    """The device asked for, else the GPU when there is one, else the CPU."""
+    if device:
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_dtype(requested: Union[str, torch.dtype, DtypeChoice, None], device: Union[str, torch.device],
                   family: Optional[str] = None) -> DtypeChoice:
     """The dtype to compute in on `device` for `requested` ("auto", a name or a torch dtype).

@@ -12,11 +12,11 @@ Two layouts are read:
 
 The tokenizer is always ours (`tokenizer.G4SegTokenizer`, open_clip's installed BPE
 vocabulary), so no tokenizer files are needed either. Nothing here touches the network:
-every path is local and every `from_pretrained` call passes `local_files_only=True`.
+every path is local and every `from_pretrained` call passes `local_files_only=True`. (The `g4seg`
+command also sets HF_HUB_OFFLINE for its own process; a library import does not change the
+environment of the program that imports it.)
 
-Families: "sd15" (SD1.x, CLIP ViT-L/14 text, context 768), "sd21" (SD2.x 512 base,
-OpenCLIP ViT-H/14 text, context 1024, epsilon), "sd21v" (SD2.x 768-v: same weights
-layout, v_prediction), "sdxl" (SDXL base: CLIP-L + OpenCLIP bigG, context 2048).
+The families ("sd15", "sd21", "sd21v", "sdxl") are described in families.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ import json
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Union
-
-# The hub is never contacted: every from_pretrained gets a local path and local_files_only=True.
-# (The `g4seg` command also sets HF_HUB_OFFLINE for its own process; a library import does not
-# change the environment of the program that imports it.)
 
 import torch
 
@@ -131,7 +127,7 @@ def load_diffusers_folder(path: Union[str, Path], family: Optional[str] = None, 
                          "or SDXL (2048 + text_time)")
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    guessed = (scheduler.get("prediction_type", "epsilon"), f"scheduler_config.json says so"
+    guessed = (scheduler.get("prediction_type", "epsilon"), "scheduler_config.json says so"
                if "prediction_type" in scheduler else "no scheduler config, assumed")
     family, prediction_type = resolve_family(detected, family, prediction_type, guessed, source)
 

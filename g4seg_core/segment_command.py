@@ -65,9 +65,9 @@ def segmenter_config(args):
 
 
 def _device(args):
-    import torch
+    from .precision import default_device
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device(args.device)
 
 
 def _tiny(why: str):
