@@ -145,13 +145,6 @@ def check_same_size(mask_hw: Tuple[int, int], image_hw: Tuple[int, int], *, what
                          f"{image_hw[1]}x{image_hw[0]}: {resize_hint}")
 
 
-def check_aspect(a_hw: Tuple[int, int], b_hw: Tuple[int, int], *, what: str, tolerance: float = 0.04) -> None:
-    ra, rb = a_hw[1] / a_hw[0], b_hw[1] / b_hw[0]
-    if abs(ra - rb) / rb > tolerance:
-        raise G4SegError(f"{what}: aspect ratios differ ({a_hw[1]}x{a_hw[0]} vs {b_hw[1]}x{b_hw[0]}, WxH); "
-                         "the mask and the images must show the same framing")
-
-
 def resize_map(x: torch.Tensor, hw: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """[H, W] or [C, H, W] map to hw (bilinear, antialiased when shrinking)."""
     if tuple(x.shape[-2:]) == tuple(hw):
@@ -192,10 +185,3 @@ def stack_masks(masks: List[torch.Tensor]) -> torch.Tensor:
     if len(sizes) > 1:
         raise G4SegError(f"the masks of this batch have different sizes {sorted(sizes)}")
     return torch.stack([m.float() for m in masks]).to(intermediate_device())
-
-
-def class_name_or_error(value: str) -> str:
-    v = (value or "").strip()
-    if not v:
-        raise G4SegError("class_name is empty: type the object's name as in the prompt, e.g. 'cat'")
-    return v

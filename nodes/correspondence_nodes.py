@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
+from g4seg_core.masks import check_same_framing
 from g4seg_core.mixing import correspondence_for, update_from_features
 
 from .comfy_backend import comfy_clip_vision_features
-from .common import (CATEGORY, Progress, check_aspect, check_interrupt, image_batch, knob_inputs,
+from .common import (CATEGORY, Progress, check_interrupt, image_batch, knob_inputs,
                      image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
 from .preview import with_preview
 
@@ -134,7 +135,7 @@ def mix_foreground(mask, correspondence, beta, band_low, band_high, iterations, 
         raise G4SegError(f"mask batch ({masks.shape[0]}) and correspondence batch ({n}) differ")
     batch = max(masks.shape[0], n)
     mh, mw = masks.shape[1:]
-    check_aspect((mh, mw), correspondence.image_size, what="mask vs image")
+    check_same_framing(correspondence.image_size, (mh, mw))
     bar = Progress(batch)
     out = []
     for i in range(batch):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from g4seg_core.config import G4SegConfig, fill_prompt
+from g4seg_core.flow import check_label
 from g4seg_core.injection import InjectionSettings
 
 from . import attention_patch
 from .comfy_backend import class_token_positions, encode_tokens, sample_one_step
-from .common import CATEGORY, class_name_or_error, knob_inputs, mask_batch
+from .common import CATEGORY, knob_inputs, mask_batch
 
 
 def build_settings(masks: torch.Tensor, positions, config: G4SegConfig):
@@ -21,7 +22,7 @@ def build_settings(masks: torch.Tensor, positions, config: G4SegConfig):
 
 def encode_prompt(clip, class_name, prompt_template):
     """(prompt, class token positions, CONDITIONING) for the class name in the template."""
-    name = class_name_or_error(class_name)
+    name = check_label(class_name)
     prompt = fill_prompt(prompt_template, name)
     tokens, positions = class_token_positions(clip, prompt, name, occurrences=prompt_template.count("{}"))
     return prompt, positions, encode_tokens(clip, tokens)

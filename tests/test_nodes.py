@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from g4seg_core.errors import G4SegError
+from g4seg_core.masks import check_same_framing
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from g4seg_core import flow
 from nodes import comfy_backend, common, correspondence_nodes, inject_nodes, mask_nodes
@@ -98,8 +99,8 @@ def test_pairing_and_size_checks():
     with pytest.raises(G4SegError, match="batch"):
         common.pair_batches(imgs, torch.zeros(2, 8, 8))
     with pytest.raises(G4SegError, match="aspect"):
-        common.check_aspect((64, 64), (64, 128), what="mask vs image")
-    common.check_aspect((32, 64), (64, 128), what="mask vs image")
+        check_same_framing((64, 128), (64, 64))
+    check_same_framing((64, 128), (32, 64))
     with pytest.raises(G4SegError):
         correspondence_nodes.check_generated_size((64, 80), (32, 80))
     correspondence_nodes.check_generated_size((67, 83), (64, 80))

@@ -100,13 +100,6 @@ class ClassList:
         out = [(name, k + 1) for k, names in enumerate(self.synonyms) for name in names]
         return out + [(word, 0) for word in self.background]
 
-    def describe(self) -> str:
-        parts = [f"{k + 1}={' | '.join(names)}" for k, names in enumerate(self.synonyms)]
-        text = ", ".join(parts) + f"; {len(self.background)} background word(s)"
-        if self.dropped_background:
-            text += f" (dropped because listed as classes: {', '.join(self.dropped_background)})"
-        return text
-
 
 def parse_classes(text: str, background="voc") -> ClassList:
     """'cat, sofa|couch, person' -> ClassList; commas or new lines separate classes, '|' synonyms.
