@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --skip-comfy) SKIP_COMFY=1; shift ;;
     --no-install) INSTALL=0; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,7 @@
 """The one summary bench/gpu.sh prints: python bench/gpu_summary.py OUT_DIR (core.json [+ comfyui.json])."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ if "float32_reference" in core:
 comfy = out / "comfyui.json"
 if comfy.exists():
     for name, r in json.loads(comfy.read_text())["results"].items():
-        node = sorted(r["node_s"])[len(r["node_s"]) // 2]
+        node = statistics.median(r["node_s"])
         print(f"ComfyUI G4SegRefine ({name}): {node:.3f} s per image, node/core {r['node_over_core_median']:.2f}; "
               f"ComfyUI dtypes {r['comfy_dtypes']}")
 else:
