@@ -1,6 +1,6 @@
 """Speed of words -> coarse mask on the full-size ViT-H/14 architecture with random weights (no quality).
 
-    flock /work/heavy.lock python bench/text_to_mask.py [--device cuda] [--json out.json]
+    python bench/text_to_mask.py [--device cuda] [--json out.json]
 
 Times (median of --repeats): one 224 px window through NACLIP's vision tower, one batch of prompt
 encodings through the 24-layer OpenCLIP-H text tower, and a whole segmentation of a 336x448 image
@@ -9,8 +9,6 @@ encodings through the 24-layer OpenCLIP-H text tower, and a whole segmentation o
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
@@ -23,19 +21,12 @@ def random_fill(module, device, dtype):
     return module.to(dtype).eval()
 
 
-def timed(fn, repeats, sync):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     from open_clip.transformer import TextTransformer, VisionTransformer
 
+    from g4seg_core.bench import timed
+    from g4seg_core.errors import G4SegError
+    from g4seg_core.output_files import atomic_write_text, prepare_output_file
     from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter
     from g4seg_core.zeroshot.neighbourhood import from_open_clip
     from g4seg_core.zeroshot.text import OpenCLIPTextTower
@@ -47,6 +38,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.json:
+        try:  # before the minutes of measuring
+            prepare_output_file(args.json, "--json")
+        except G4SegError as exc:
+            ap.error(str(exc))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -60,22 +56,21 @@ def main():
     with torch.inference_mode():
         window = torch.rand(1, 3, 224, 224)
         features(window)  # warm-up
-        out["vision_window_224_s"] = timed(lambda: features(window), args.repeats, sync)
+        out["vision_window_224_s"] = timed(lambda: features(window), args.repeats, sync)[0]
         prompts = [t.replace("{}", "potted plant") for t in IMAGENET_TEMPLATES[:64]]
         tower(prompts[:8])
-        out["text_64_prompts_s"] = timed(lambda: tower(prompts), args.repeats, sync)
+        out["text_64_prompts_s"] = timed(lambda: tower(prompts), args.repeats, sync)[0]
         out["text_per_prompt_s"] = out["text_64_prompts_s"] / 64
         seg = ZeroShotSegmenter(features, tower, ZeroShotConfig(templates="single"))
         image = torch.rand(3, 336, 448)
         seg.segment(image, "cat, sofa, person")
         out["segment_336x448_single_template_cached_text_s"] = timed(
-            lambda: seg.segment(image, "cat, sofa, person"), args.repeats, sync)
+            lambda: seg.segment(image, "cat, sofa, person"), args.repeats, sync)[0]
     # the first run of a class list with the recipe's 80 templates also encodes 80 x (classes + 26 words)
     out["first_run_text_estimate_s_3_classes_imagenet80"] = out["text_per_prompt_s"] * 80 * (3 + 26)
     print(json.dumps(out, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_write_text(args.json, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

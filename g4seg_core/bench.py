@@ -31,7 +31,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _timed(fn, repeats: int, sync, cpu_times=None):
+def timed(fn, repeats: int, sync, cpu_times=None):
     """Median wall seconds of `repeats` calls and the last output; `cpu_times` receives each call's
     process CPU seconds (all threads): on a shared CPU machine they move less than wall time."""
     times, out = [], None
@@ -70,22 +70,22 @@ def _measure(pipe, image, mask, config, repeats: int, latent_in=None) -> dict:
     sync = pipe.sync
     pipe.refine(image, mask, "cat", config)  # warm-up (allocations, kernels, prompt cache)
     results, cpu_times = [], []
-    e2e_time, _ = _timed(lambda: results.append(pipe.refine(image, mask, "cat", config)), repeats, sync, cpu_times)
+    e2e_time, _ = timed(lambda: results.append(pipe.refine(image, mask, "cat", config)), repeats, sync, cpu_times)
     result = results[-1]
 
     pixels = pipe.to_pixels(image, config.size)
     _, prompt_embedding, _ = pipe.token_positions("cat", config)
-    t_encode, z0 = _timed(lambda: pipe.encode(pixels), repeats, sync)
+    t_encode, z0 = timed(lambda: pipe.encode(pixels), repeats, sync)
     latent_in = z0 if latent_in is None else latent_in.to(pipe.device)
     unet = pipe.components.unet
     timestep = torch.tensor([config.timestep], device=pipe.device)
     hidden = prompt_embedding.hidden_states.to(pipe.device, unet.dtype)
     kwargs = pipe.components.unet_kwargs(prompt_embedding, config.size, config.size)
     with torch.no_grad():
-        t_unet, eps = _timed(lambda: unet(latent_in.to(unet.dtype), timestep, encoder_hidden_states=hidden,
+        t_unet, eps = timed(lambda: unet(latent_in.to(unet.dtype), timestep, encoder_hidden_states=hidden,
                                           **kwargs).sample, repeats, sync)
-    t_decode, decoded = _timed(lambda: pipe.decode(latent_in), repeats, sync)
-    t_clip, feats = _timed(lambda: pipe.features(pixels), repeats, sync)
+    t_decode, decoded = timed(lambda: pipe.decode(latent_in), repeats, sync)
+    t_clip, feats = timed(lambda: pipe.features(pixels), repeats, sync)
     bare = t_encode + t_unet + t_decode + 2 * t_clip
     numbers = {
         "dtype": dtype_name(pipe.dtype), "dtype_reason": pipe.dtype_reason, "end_to_end_s": e2e_time,
@@ -179,7 +179,7 @@ def run_bench(args) -> int:
 
     feats = torch.nn.functional.normalize(torch.randn(512, 32, 32), dim=0)
     match_upsampled_features(feats, feats.roll(1, dims=1), 128)  # warm-up, like the end-to-end run
-    t_corr, _ = _timed(lambda: match_upsampled_features(feats, feats.roll(1, dims=1), 128), max(args.repeats, 3),
+    t_corr, _ = timed(lambda: match_upsampled_features(feats, feats.roll(1, dims=1), 128), max(args.repeats, 3),
                        lambda: None)
 
     numbers = {"device": device, "dtype": choice.name, "dtype_reason": choice.reason, "size": args.size,
@@ -198,7 +198,7 @@ def run_bench(args) -> int:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         pipe.refine_batch(images, masks, "cat", config)  # warm-up at this batch size
-        t_batch, _ = _timed(lambda: pipe.refine_batch(images, masks, "cat", config), args.repeats, pipe.sync)
+        t_batch, _ = timed(lambda: pipe.refine_batch(images, masks, "cat", config), args.repeats, pipe.sync)
         numbers.update({"batch": batch, "batch_s": t_batch, "images_per_s_batched": batch / t_batch,
                         "seconds_per_image_batched": t_batch / batch})
         if device.startswith("cuda"):
