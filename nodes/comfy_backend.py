@@ -70,14 +70,34 @@ def _sdpa_attention(q, k, v, heads, mask=None, **kwargs):
     return plain_attention(q, k, v, heads)
 
 
+def run_layers(layers, x):
+    """ComfyUI CLIP encoder layers, one by one, with SDPA attention."""
+    for layer in layers:
+        x = layer(x, None, _sdpa_attention)
+    return x
+
+
 def _run_encoder(encoder, x):
     """The CLIP encoder layer by layer with SDPA attention; the encoder's own forward if its layout differs."""
     layers = getattr(encoder, "layers", None)
     if layers is None:
         return encoder(x, mask=None, intermediate_output=None)[0]
-    for layer in layers:
-        x = layer(x, None, _sdpa_attention)
-    return x
+    return run_layers(layers, x)
+
+
+def embed_patches(vision, pixels: torch.Tensor, grid, side: int, has_cls: bool) -> torch.Tensor:
+    """Input tokens of ComfyUI's CLIP vision transformer for a `grid` of patches: patch embeddings plus the
+    learned positions interpolated from `side` x `side` (class token first when there is one), pre-norm."""
+    import comfy.ops
+
+    emb = vision.embeddings
+    x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    pos = comfy.ops.cast_to_input(emb.position_embedding.weight, x)
+    x = x + interpolate_position_grid(pos[1:] if has_cls else pos, (side, side), tuple(grid))[None]
+    if has_cls:
+        cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
+        x = torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1)
+    return vision.pre_layrnorm(x)
 
 
 def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
@@ -93,7 +113,6 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
         raise G4SegError("this CLIP_VISION model is not a CLIP/SigLIP ViT (e.g. a DINOv2 or other encoder): "
                          "load a CLIP ViT with CLIPVisionLoader (ViT-L/14, ViT-H/14, ViT-bigG/14)")
     import comfy.model_management as mm
-    import comfy.ops
 
     patch = emb.patch_embedding.kernel_size[0]
     has_cls = getattr(emb, "class_embedding", None) is not None
@@ -105,15 +124,7 @@ def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
     output_layernorm = bool(getattr(vision, "output_layernorm", False))
 
     def tokens_fn(pixels, grid):
-        x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        pos = comfy.ops.cast_to_input(emb.position_embedding.weight, x)
-        patch_pos = interpolate_position_grid(pos[1:] if has_cls else pos, (side, side), tuple(grid))
-        x = x + patch_pos[None]
-        if has_cls:
-            cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
-            x = torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1)
-        x = vision.pre_layrnorm(x)
-        x = _run_encoder(vision.encoder, x)
+        x = _run_encoder(vision.encoder, embed_patches(vision, pixels, grid, side, has_cls))
         if has_cls:
             x = x[:, 1:]
         x = vision.post_layernorm(x)

@@ -15,12 +15,12 @@ from typing import Dict, Tuple
 
 import torch
 
-from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, interpolate_position_grid
+from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures
 from g4seg_core.errors import G4SegError
-from g4seg_core.injection import plain_attention
 from g4seg_core.zeroshot.neighbourhood import DEFAULT_SIGMA, LastBlock, neighbourhood_attention
 from g4seg_core.zeroshot.text import NO_PROJECTION, QueryEmbeddings
 
+from .comfy_backend import embed_patches, run_layers
 from .common import Progress, check_interrupt, escape_prompt
 
 COMFY_SD1 = ("this CLIP is SD1.x's text encoder (CLIP ViT-L/14 without its text_projection): its embeddings cannot be "
@@ -101,11 +101,6 @@ def query_embeddings(clip) -> QueryEmbeddings:
     return _TEXT_CACHE[key]
 
 
-def _layer_attention(q, k, v, heads, mask=None, **kwargs):
-    """ComfyUI's attention-function signature on PyTorch SDPA."""
-    return plain_attention(q, k, v, heads)
-
-
 def comfy_naclip_features(clip_vision, sigma: float = DEFAULT_SIGMA) -> DenseCLIPFeatures:
     """NACLIP patch embeddings from ComfyUI's CLIP_VISION (a CLIP ViT with CLS token and projection)."""
     outer = getattr(clip_vision, "model", None)
@@ -119,7 +114,6 @@ def comfy_naclip_features(clip_vision, sigma: float = DEFAULT_SIGMA) -> DenseCLI
                          "DINOv2 and others are not): load clip_vision_h.safetensors (SD2.x) or "
                          "clip_vision_g.safetensors (SDXL) with CLIPVisionLoader")
     import comfy.model_management as mm
-    import comfy.ops
 
     last = layers[-1]
     attn = last.self_attn
@@ -128,13 +122,7 @@ def comfy_naclip_features(clip_vision, sigma: float = DEFAULT_SIGMA) -> DenseCLI
     side = int(round((emb.position_embedding.weight.shape[0] - 1) ** 0.5))
 
     def tokens_fn(pixels, grid):
-        x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        pos = comfy.ops.cast_to_input(emb.position_embedding.weight, x)
-        cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
-        x = x + interpolate_position_grid(pos[1:], (side, side), tuple(grid))[None]
-        x = vision.pre_layrnorm(torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1))
-        for layer in layers[:-1]:
-            x = layer(x, None, _layer_attention)
+        x = run_layers(layers[:-1], embed_patches(vision, pixels, grid, side, has_cls=True))
         x = vision.post_layernorm(neighbourhood_attention(x, block, tuple(grid), sigma))[:, 1:]
         return projection(x)
 
