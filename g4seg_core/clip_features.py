@@ -37,6 +37,16 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def open_clip_input_tokens(visual: torch.nn.Module, pixels: torch.Tensor, grid) -> torch.Tensor:
+    """Input tokens of an open_clip ViT for a `grid` of patches: class token, then patch embeddings plus the
+    learned positions interpolated from the training grid; after ln_pre. [B, 1 + h*w, width]."""
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [B, h*w, width]
+    pos = visual.positional_embedding.to(x.dtype)
+    patch_pos = interpolate_position_grid(pos[1:], tuple(visual.grid_size), grid)
+    cls_tok = (visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls_tok, x + patch_pos[None]], dim=1))
+
+
 class DenseCLIPFeatures:
     """Callable: images [B, 3, H, W] in [0, 1] -> L2-normalised features [B, C, h, w].
 
@@ -95,16 +105,10 @@ class DenseCLIPFeatures:
             raise G4SegError(f"{type(visual).__name__} is not an open_clip ViT: G4Seg needs a ViT image "
                              "encoder (ViT-B/16, ViT-L/14, ViT-H/14...), not a ResNet or ConvNeXt CLIP")
         patch = visual.conv1.kernel_size[0]
-        old_grid = tuple(visual.grid_size)
         visual.eval()
 
         def tokens_fn(pixels, grid):
-            x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [B, h*w, width]
-            pos = visual.positional_embedding.to(x.dtype)
-            cls_pos, patch_pos = pos[:1], interpolate_position_grid(pos[1:], old_grid, grid)
-            cls_tok = (visual.class_embedding.to(x.dtype) + cls_pos).expand(x.shape[0], 1, -1)
-            x = torch.cat([cls_tok, x + patch_pos[None]], dim=1)
-            x = visual.ln_pre(x)
+            x = open_clip_input_tokens(visual, pixels, grid)
             if getattr(visual.transformer, "batch_first", True):
                 x = visual.transformer(x)
             else:

@@ -25,7 +25,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..clip_features import DenseCLIPFeatures, interpolate_position_grid
+from ..clip_features import DenseCLIPFeatures, interpolate_position_grid, open_clip_input_tokens
 from ..errors import G4SegError
 
 DEFAULT_SIGMA = 5.0
@@ -104,16 +104,11 @@ def from_open_clip(visual: torch.nn.Module, sigma: float = DEFAULT_SIGMA,
     key, value = _split_in_proj(last.attn)
     block = LastBlock(norm=last.ln_1, key=key, value=value, out=last.attn.out_proj, heads=last.attn.num_heads)
     patch = visual.conv1.kernel_size[0]
-    old_grid = tuple(visual.grid_size)
     batch_first = getattr(visual.transformer, "batch_first", True)
     visual.eval()
 
     def tokens_fn(pixels, grid):
-        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
-        pos = visual.positional_embedding.to(x.dtype)
-        patch_pos = interpolate_position_grid(pos[1:], old_grid, grid)
-        cls_tok = (visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
-        x = visual.ln_pre(torch.cat([cls_tok, x + patch_pos[None]], dim=1))
+        x = open_clip_input_tokens(visual, pixels, grid)
         for resblock in blocks[:-1]:
             x = resblock(x) if batch_first else resblock(x.transpose(0, 1)).transpose(0, 1)
         x = visual.ln_post(neighbourhood_attention(x, block, grid, sigma))
