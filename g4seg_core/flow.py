@@ -241,10 +241,9 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
     negative = backend.prompt(config.negative_prompt, None)[0] if config.cfg_scale != 1.0 else None
 
     with _stage(backend, timings, "unet", progress):
-        settings = [None if config.emi_mode == "off" else InjectionSettings(
-            torch.from_numpy(np.ascontiguousarray(resize_probability(prob, work_hw, mode="bilinear"))),
-            pos, mode=config.emi_mode, cross_weight=config.cross_weight, self_weight=config.self_weight,
-            area_scale=config.area_scale, schedule=config.emi_schedule) for prob, pos in zip(probs, positions)]
+        settings = [None if config.emi_mode == "off" else InjectionSettings.from_config(
+            torch.from_numpy(np.ascontiguousarray(resize_probability(prob, work_hw, mode="bilinear"))), pos, config)
+            for prob, pos in zip(probs, positions)]
         latents = torch.cat([c.latent for c in contexts])
         x0 = backend.denoise(latents, batch_noise(latents, config.seed), handles, settings, config, negative)
     with _stage(backend, timings, "vae_decode", progress):

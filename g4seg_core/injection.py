@@ -266,6 +266,12 @@ class InjectionSettings:
         if not torch.isfinite(self.mask).all():
             raise G4SegError("the injection mask contains NaN or infinite values: clean the mask first")
 
+    @classmethod
+    def from_config(cls, mask: torch.Tensor, token_positions: Sequence[int], config) -> "InjectionSettings":
+        """The injection knobs of a G4SegConfig (emi_mode, weights, area scale, schedule) for one mask."""
+        return cls(mask, list(token_positions), mode=config.emi_mode, cross_weight=config.cross_weight,
+                   self_weight=config.self_weight, area_scale=config.area_scale, schedule=config.emi_schedule)
+
     def weights_at(self, timestep: float) -> Tuple[float, float]:
         factor = emi_time_factor(self.schedule, timestep)
         return self.cross_weight * factor, self.self_weight * factor

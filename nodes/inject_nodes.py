@@ -14,10 +14,7 @@ from .common import CATEGORY, knob_inputs, mask_batch
 
 
 def build_settings(masks: torch.Tensor, positions, config: G4SegConfig):
-    return [InjectionSettings(mask=m.detach().float().cpu().clamp(0, 1), token_positions=list(positions),
-                              mode=config.emi_mode, cross_weight=config.cross_weight, self_weight=config.self_weight,
-                              area_scale=config.area_scale, schedule=config.emi_schedule)
-            for m in masks]
+    return [InjectionSettings.from_config(m.detach().float().cpu().clamp(0, 1), positions, config) for m in masks]
 
 
 def encode_prompt(clip, class_name, prompt_template):
