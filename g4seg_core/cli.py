@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args
+from .cli_options import (RANDOM_BANNER, add_config_arguments, add_model_arguments, build_pipeline, config_from_args,
+                          load_image)
 from .config import DTYPE_CHOICES, G4SegConfig
 from .errors import G4SegError
 from .image_files import IMAGE_EXTS, MASK_EXTS, files_by_stem
@@ -44,18 +45,6 @@ def _pairs(image: Path, mask: Path) -> Tuple[List[Tuple[Path, Path]], Dict[str, 
     missing = {images[s].name: f"no mask named {s}.* ({', '.join(MASK_EXTS)}) in {mask}"
                for s in sorted(images) if s not in masks}
     return pairs, missing
-
-
-def load_image(path: Path, convert_rgb: bool, quiet: bool = False):
-    """The picture as uint8 RGB (16-bit / float scaled, see image_files); notes what was converted."""
-    from .image_files import read_rgb
-
-    picture = read_rgb(path)
-    if picture.channels_converted and not convert_rgb:
-        raise G4SegError(f"{path} is {picture.source}, not RGB: pass --convert-rgb to convert it")
-    if picture.note and not quiet:
-        print(f"note: {path.name}: {picture.source}; {picture.note}", file=sys.stderr)
-    return picture.pixels
 
 
 def load_mask(path: Path, args):

@@ -101,3 +101,15 @@ def build_pipeline(args, config: G4SegConfig):
         print(RANDOM_BANNER, file=sys.stderr)
         return (G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype),
                 "selfcheck (random weights; no weights found)")
+
+
+def load_image(path: Path, convert_rgb: bool, quiet: bool = False):
+    """The picture as uint8 RGB (16-bit / float scaled, see image_files); notes what was converted."""
+    from .image_files import read_rgb
+
+    picture = read_rgb(path)
+    if picture.channels_converted and not convert_rgb:
+        raise G4SegError(f"{path} is {picture.source}, not RGB: pass --convert-rgb to convert it")
+    if picture.note and not quiet:
+        print(f"note: {path.name}: {picture.source}; {picture.note}", file=sys.stderr)
+    return picture.pixels

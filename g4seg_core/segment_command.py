@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import List
 
-from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args
+from .cli_options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args, load_image
 from .errors import G4SegError, ModelNotFoundError
 from .image_files import IMAGE_EXTS, files_by_stem
 
@@ -160,18 +160,6 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     return {k: str(v) for k, v in files.items()}
 
 
-def read_image(path: Path, convert_rgb: bool):
-    """uint8 RGB [H, W, 3] through the project's one image reader; non-RGB files need --convert-rgb."""
-    from .image_files import read_rgb
-
-    picture = read_rgb(path)
-    if picture.channels_converted and not convert_rgb:
-        raise G4SegError(f"{path} is {picture.source}, not RGB: pass --convert-rgb to convert it")
-    if picture.note:
-        print(f"note: {path.name}: {picture.note}", file=sys.stderr)
-    return picture.pixels
-
-
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
@@ -234,7 +222,7 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
 
     from .output_files import atomic_write_text
 
-    image = read_image(path, args.convert_rgb)
+    image = load_image(path, args.convert_rgb)
     start = time.perf_counter()
     result = segmenter.segment(image, classes)
     outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
