@@ -80,9 +80,8 @@ def _tiny(why: str):
 
 def load_models(args, config):
     """(NACLIP features, text tower, description) from the flags; the tiny self-check when asked or missing."""
-    from .clip_loading import load_clip_vision
     from .model_files import find_checkpoint, find_clip_vision
-    from .zeroshot import check_widths, load_text_tower, neighbourhood_features
+    from .zeroshot import load_matching_features, load_text_tower
 
     if args.selfcheck:
         return _tiny("")
@@ -107,20 +106,11 @@ def load_models(args, config):
             raise
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
         return _tiny("; no weights found")
-    features = neighbourhood_features(load_clip_vision(clip, device=device, dtype=dtype), config.sigma)
-    width = _vision_width(features)
-    if width is not None:
-        check_widths(tower.width, width, f"text encoder ({tower.name})", f"CLIP vision model ({features.name})")
+    features = load_matching_features(clip, tower, config.sigma, device, dtype)
     print(f"g4seg segment: text {tower.name}; vision {features.name}", file=sys.stderr)
     return features, tower, {"models": "weights", "random_weights": False, "text": str(text_source),
                              "text_tower": tower.name, "clip": str(clip), "clip_vision": features.name,
                              "device": str(device), "dtype": f"{dtype_name(dtype)} ({choice.reason})"}
-
-
-def _vision_width(features):
-    from .zeroshot import _output_width
-
-    return _output_width(features.module)
 
 
 def class_file_names(names) -> List[str]:

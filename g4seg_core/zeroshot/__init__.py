@@ -31,15 +31,20 @@ def load_segmenter(clip, text, config: Optional[ZeroShotConfig] = None, device: 
         text: what `text.load_text_tower` takes (SD2.x/SDXL single-file checkpoint, open_clip CLIP file,
             SDXL diffusers folder); may be the same file as `clip` for a full open_clip CLIP.
     """
+    config = config or ZeroShotConfig()
+    tower = load_text_tower(text, device=device, dtype=dtype)
+    return ZeroShotSegmenter(load_matching_features(clip, tower, config.sigma, device, dtype), tower, config)
+
+
+def load_matching_features(clip, tower, sigma: float, device="cpu", dtype: torch.dtype = torch.float32):
+    """NACLIP features of the CLIP image encoder `clip`, checked to embed into the text tower's space."""
     from ..clip_loading import load_clip_vision
 
-    config = config or ZeroShotConfig()
-    features = neighbourhood_features(load_clip_vision(clip, device=device, dtype=dtype), config.sigma)
-    tower = load_text_tower(text, device=device, dtype=dtype)
+    features = neighbourhood_features(load_clip_vision(clip, device=device, dtype=dtype), sigma)
     vision_width = _output_width(features.module)
     if vision_width is not None:
         check_widths(tower.width, vision_width, f"text encoder {tower.name}", f"CLIP vision model {features.name}")
-    return ZeroShotSegmenter(features, tower, config)
+    return features
 
 
 def _output_width(module) -> Optional[int]:
@@ -53,6 +58,7 @@ def _output_width(module) -> Optional[int]:
 
 
 __all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "QueryEmbeddings", "STUFF_WORDS", "ZeroShotConfig",
-           "ZeroShotResult", "ZeroShotSegmenter", "check_widths", "class_embedding", "load_segmenter",
+           "ZeroShotResult", "ZeroShotSegmenter", "check_widths", "class_embedding", "load_matching_features",
+           "load_segmenter",
            "load_text_tower", "neighbourhood_attention", "neighbourhood_bias", "neighbourhood_features",
            "parse_classes", "sliding_windows"]
