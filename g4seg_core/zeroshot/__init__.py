@@ -57,8 +57,8 @@ def _output_width(module) -> Optional[int]:
     return None
 
 
-__all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "QueryEmbeddings", "STUFF_WORDS", "ZeroShotConfig",
-           "ZeroShotResult", "ZeroShotSegmenter", "check_widths", "class_embedding", "load_matching_features",
-           "load_segmenter",
-           "load_text_tower", "neighbourhood_attention", "neighbourhood_bias", "neighbourhood_features",
+__all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "QueryEmbeddings", "STUFF_WORDS",
+           "ZeroShotConfig", "ZeroShotResult", "ZeroShotSegmenter", "check_widths",
+           "class_embedding", "load_matching_features", "load_segmenter", "load_text_tower",
+           "neighbourhood_attention", "neighbourhood_bias", "neighbourhood_features",
            "parse_classes", "sliding_windows"]
