@@ -128,19 +128,17 @@ class SDComponents:
         return self
 
 
-def build_unet(config: Mapping, empty: bool = False):
-    """UNet2DConditionModel from a config dict; `empty` builds it on the meta device (no init cost)."""
+def build_unet(config: Mapping):
+    """UNet2DConditionModel from a config dict (on the meta device inside `with torch.device("meta")`)."""
     from diffusers import UNet2DConditionModel
 
-    with torch.device("meta") if empty else contextlib.nullcontext():
-        return UNet2DConditionModel.from_config(config_values(config))
+    return UNet2DConditionModel.from_config(config_values(config))
 
 
-def build_vae(config: Mapping, empty: bool = False):
+def build_vae(config: Mapping):
     from diffusers import AutoencoderKL
 
-    with torch.device("meta") if empty else contextlib.nullcontext():
-        return AutoencoderKL.from_config(config_values(config))
+    return AutoencoderKL.from_config(config_values(config))
 
 
 def components_from_configs(configs: Mapping, family: str, prediction_type: Optional[str] = None,
@@ -152,9 +150,10 @@ def components_from_configs(configs: Mapping, family: str, prediction_type: Opti
     weights on the meta device for a checkpoint to be assigned into (see `assign_weights`).
     """
     family = normalize_family(family)
-    unet = build_unet(configs["unet"], empty)
-    vae = build_vae(configs["vae"], empty)
-    encoders = [build_text_encoder(c, empty) for c in configs["text_encoders"]]
+    with torch.device("meta") if empty else contextlib.nullcontext():  # meta: no init cost
+        unet = build_unet(configs["unet"])
+        vae = build_vae(configs["vae"])
+        encoders = [build_text_encoder(c) for c in configs["text_encoders"]]
     return SDComponents(unet=unet, vae=vae, text_encoders=encoders, tokenizer=G4SegTokenizer(FAMILIES[family]["pads"][0]),
                         family=family, prediction_type=prediction_type or FAMILIES[family]["prediction_type"],
                         alphas_cumprod=scheduler_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod,

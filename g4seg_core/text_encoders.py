@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import List, Mapping, Optional
 
 import torch
-
 
 
 @dataclass
@@ -33,11 +31,9 @@ def _text_class(config: Mapping):
     return CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
 
 
-def build_text_encoder(config: Mapping, empty: bool = False):
+def build_text_encoder(config: Mapping):
     from transformers import CLIPTextConfig
 
     values = config_values(config)
     values.pop("model_type", None)
-    cls = _text_class(values)
-    with torch.device("meta") if empty else contextlib.nullcontext():
-        return cls(CLIPTextConfig(**values))
+    return _text_class(values)(CLIPTextConfig(**values))
