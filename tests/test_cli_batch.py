@@ -9,7 +9,7 @@ from PIL import Image
 
 import g4seg_core.cli as cli
 from g4seg_core.cli import main
-from g4seg_core.palettes import voc_palette
+from g4seg_core.mask_files import save_label_map_png
 
 FAST = ["--selfcheck", "--size", "64", "--grid", "0"]
 
@@ -202,9 +202,7 @@ def test_16bit_greyscale_photo_is_refined_against_the_real_picture(tmp_path, mon
 
 
 def _label_map(path, labels):
-    img = Image.fromarray(labels.astype(np.uint8), "P")
-    img.putpalette(voc_palette().reshape(-1).tolist())
-    img.save(path)
+    save_label_map_png(labels.astype(np.uint8), path)
 
 
 @pytest.mark.parametrize("value", ["-1", "c-a-t", "2.5", "255", "300", "giraffe"])

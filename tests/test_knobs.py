@@ -1,9 +1,7 @@
 """Every knob declared once (g4seg_core.config.KNOBS): config validation, CLI flags and node widgets come from it."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
@@ -11,19 +9,10 @@ from g4seg_core.cli import build_parser
 from g4seg_core.cli_options import config_from_args
 from g4seg_core.config import KNOBS, G4SegConfig
 from g4seg_core.errors import G4SegError
+from nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE = os.path.join(ROOT, "tests", "data", "node_widgets_before_issue9.json")
-
-
-def _pack():
-    if "g4seg_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("g4seg_pack", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules["g4seg_pack"] = pack
-        spec.loader.exec_module(pack)
-    return sys.modules["g4seg_pack"]
 
 
 def _widget_rows(cls, section):
@@ -40,7 +29,7 @@ def test_node_widgets_keep_ids_order_and_defaults(node_id):
     """Saved workflows keep working: the widgets of every node as they were before the knob table
     (ids, order, types, defaults, ranges); new inputs may only be appended."""
     before = json.load(open(BEFORE))[node_id]
-    cls = _pack().NODE_CLASS_MAPPINGS[node_id]
+    cls = NODE_CLASS_MAPPINGS[node_id]
     required = _widget_rows(cls, "required")
     assert required[:len(before["required"])] == before["required"]
     assert node_id == "G4SegLoadCoarseMask" or len(required) == len(before["required"])
@@ -49,7 +38,7 @@ def test_node_widgets_keep_ids_order_and_defaults(node_id):
 
 
 def test_every_widget_has_a_tooltip():
-    for node_id, cls in _pack().NODE_CLASS_MAPPINGS.items():
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
         for section in ("required", "optional"):
             for name, spec in cls.INPUT_TYPES().get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), (node_id, name)

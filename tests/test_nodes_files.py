@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.palettes import voc_palette
+from g4seg_core.mask_files import save_label_map_png
 from nodes import mask_nodes
 from nodes.mask_nodes import G4SegLoadCoarseMask
 
@@ -95,9 +95,7 @@ def test_empty_class_error_names_existing_inputs_and_classes(tmp_path):
     labels = np.zeros((40, 50), np.uint8)
     labels[5:20, 5:20] = 12  # dog
     labels[25:35, 25:45] = 40
-    im = Image.fromarray(labels, mode="P")
-    im.putpalette(voc_palette().reshape(-1).tolist())
-    im.save(tmp_path / "l.png")
+    save_label_map_png(labels, tmp_path / "l.png")
     with pytest.raises(G4SegError) as e:
         mask_nodes.load_coarse_mask(str(tmp_path / "l.png"), "auto", "cat", "sdf", 8.0)
     msg = str(e.value)

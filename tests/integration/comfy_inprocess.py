@@ -5,6 +5,7 @@
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py parity CKPT DIFFUSERS_DIR CLIP_VISION
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py drift  CKPT DIFFUSERS_DIR CLIP_VISION TMP
     COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py lowprec CKPT CLIP_VISION
+    COMFYUI_PATH=/work/ComfyUI python tests/integration/comfy_inprocess.py broadcast CKPT CLIP_VISION
 
 G4SEG_COMFY_FLAGS="--bf16-unet --bf16-vae" sets ComfyUI switches for the whole run.
 Prints one JSON line with the results.
@@ -112,9 +113,8 @@ def chain(ckpt, cv_path):
 
 
 def bench(ckpt, cv_path, size=512, runs=2):
-    pack = load_pack()
+    load_pack()
     from g4seg_core.config import G4SegConfig
-    m = pack.NODE_CLASS_MAPPINGS
     t = time.time()
     model, clip, vae, cv = load_models(ckpt, cv_path)
     load_s = time.time() - t

@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 import uuid
 
-import pytest
 
 COMFY = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)

@@ -115,6 +115,8 @@ def test_node_and_core_agree_where_they_used_to_drift(models, tmp_path):
         assert r["generated_max_diff"] < 1e-3, (case, r)
     cli = res["node_vs_cli_320x240_size256_dtype_float32"]  # ComfyUI computes in float32 on a CPU
     assert cli["changed_fraction"] > 0.005 and cli["max_8bit_diff"] <= 2, cli
+    auto = res["node_vs_cli_320x240_size256_dtype_auto"]  # the CLI's default dtype also runs there
+    assert auto["cli_dtype_used"] in ("float32", "bfloat16") and auto["changed_fraction"] > 0.005, auto
 
 
 def test_one_image_many_masks_matches_one_by_one(models):

@@ -41,7 +41,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium ({CHROMIUM}): apt-get install chromium or set G4SEG_CHROMIUM; then {HOW_TO_RUN}",
                 allow_module_level=True)
 
-from test_workflows import VIRTUAL_NODES, ui_to_api, value_error  # noqa: E402
+from test_workflows import ui_to_api, value_error  # noqa: E402
 
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
 WORKFLOWS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
@@ -66,10 +66,6 @@ def picks_for(wf):
 def _load(name):
     with open(os.path.join(WORKFLOW_DIR, name)) as f:
         return json.load(f)
-
-
-def _graph_nodes(wf):
-    return [n for n in wf["nodes"] if n["type"] not in VIRTUAL_NODES]
 
 
 def upload_assets(url, folder, width=150):
