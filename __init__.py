@@ -32,14 +32,18 @@ def _register_core() -> None:
         raise
 
 
-try:
-    _register_core()
-    # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ImportError as exc:
-    raise ImportError(f"ComfyUI-G4Seg cannot load its nodes: {exc}. Install the missing package into "
-                      f"ComfyUI's Python ({sys.executable} -m pip install -r {os.path.join(_HERE, 'requirements.txt')}; "
-                      "torch comes with ComfyUI)") from exc
+if __package__:
+    # ComfyUI imports this folder as a package (whatever its name). pytest imports this file on its own,
+    # as a module without a package, when the folder's name is not a Python identifier (a clone named
+    # ComfyUI-G4Seg): there is nothing to register then, and the tests import `nodes` themselves.
+    try:
+        _register_core()
+        # always relative: inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    except ImportError as exc:
+        raise ImportError(f"ComfyUI-G4Seg cannot load its nodes: {exc}. Install the missing package into "
+                          f"ComfyUI's Python ({sys.executable} -m pip install -r "
+                          f"{os.path.join(_HERE, 'requirements.txt')}; torch comes with ComfyUI)") from exc
 
 # Page extension (old-layout migration) and per-node help pages (web/docs/<node id>.md).
 WEB_DIRECTORY = "./web"
