@@ -117,7 +117,7 @@ def main() -> int:
         parser.error("set COMFYUI_PATH to a ComfyUI checkout")
     if args.json:
         from g4seg_core.errors import G4SegError
-        from g4seg_core.output_files import prepare_output_file
+        from g4seg_core.files.output_files import prepare_output_file
 
         try:  # before the many minutes of measuring
             prepare_output_file(args.json, "--json")
@@ -162,7 +162,7 @@ def main() -> int:
         print(f"{name} vs {base}, same rounds: core {results[name][f'core_speedup_over_{base}']:.2f}x, "
               f"ComfyUI node {results[name][f'node_speedup_over_{base}']:.2f}x faster")
     if args.json:
-        from g4seg_core.output_files import atomic_write_text
+        from g4seg_core.files.output_files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"rounds": rounds, "results": results}, indent=2))
     return 0

@@ -78,7 +78,7 @@ run mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- the core: chosen dtype + float32 reference, batched images/s, peak memory
-run "$PY" -m g4seg_core.cli bench --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --batch "$BATCH" \
+run "$PY" -m g4seg_core.commands.main bench --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --batch "$BATCH" \
     --repeats "$REPEATS" --json "$OUT/core.json"
 
 # ---- the ComfyUI node against the core on the same files

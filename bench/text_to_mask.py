@@ -24,9 +24,9 @@ def random_fill(module, device, dtype):
 def main():
     from open_clip.transformer import TextTransformer, VisionTransformer
 
-    from g4seg_core.bench import timed
+    from g4seg_core.commands.bench import timed
     from g4seg_core.errors import G4SegError
-    from g4seg_core.output_files import atomic_write_text, prepare_output_file
+    from g4seg_core.files.output_files import atomic_write_text, prepare_output_file
     from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter
     from g4seg_core.zeroshot.neighbourhood import from_open_clip
     from g4seg_core.zeroshot.text import OpenCLIPTextTower

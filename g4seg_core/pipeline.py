@@ -14,16 +14,16 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from . import flow
+from .method import flow
 from .config import G4SegConfig
-from .diffusers_patch import InjectionState, injected
+from .models.diffusers_patch import InjectionState, injected
 from .errors import G4SegError
-from .flow import ImageContext, RefineResult
-from .injection import InjectionSettings
-from .label_maps import fuse_multiclass
-from .precision import default_device, resolve_dtype, vae_channels_last
-from .schedule import add_noise, alpha_bar_at, predict_x0
-from .tokens import find_token_positions
+from .method.flow import ImageContext, RefineResult
+from .method.injection import InjectionSettings
+from .method.label_maps import fuse_multiclass
+from .loading.precision import default_device, resolve_dtype, vae_channels_last
+from .method.schedule import add_noise, alpha_bar_at, predict_x0
+from .method.tokens import find_token_positions
 
 
 @dataclass
@@ -50,9 +50,9 @@ class G4SegPipeline:
     def from_pretrained(cls, checkpoint=None, clip=None, comfyui_dir=None, family=None,
                         device=None, dtype="auto") -> "G4SegPipeline":
         """Load from files on disk (never downloads); see model_files for the search order."""
-        from .clip_loading import load_clip_vision
-        from .sd_loading import load_sd_components
-        from .model_files import find_checkpoint, find_clip_vision
+        from .loading.clip_loading import load_clip_vision
+        from .loading.sd_loading import load_sd_components
+        from .loading.model_files import find_checkpoint, find_clip_vision
 
         device = default_device(device)
         chosen = [resolve_dtype(dtype, device)]  # before the files are read: a wrong choice fails first
@@ -72,7 +72,7 @@ class G4SegPipeline:
     def tiny(cls, family: str = "sd21", prediction_type: str = "epsilon", seed: int = 0,
              device: str = "cpu", dtype="float32") -> "G4SegPipeline":
         """Random-weight tiny models: checks the installation and the plumbing, not the result."""
-        from .tiny import tiny_clip_features, tiny_sd_components
+        from .models.tiny import tiny_clip_features, tiny_sd_components
 
         return cls(tiny_sd_components(family=family, prediction_type=prediction_type, seed=seed),
                    tiny_clip_features(seed=seed), device=device, dtype=dtype)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.masks import check_same_framing
-from g4seg_core.mixing import correspondence_for, update_from_features
+from g4seg_core.method.masks import check_same_framing
+from g4seg_core.method.mixing import correspondence_for, update_from_features
 
-from .comfy_backend import comfy_clip_vision_features
+from .comfy.backend import comfy_clip_vision_features
 from .common import (CATEGORY, Progress, check_interrupt, image_batch, knob_inputs,
                      image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
 from .preview import with_preview

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from g4seg_core.config import G4SegConfig
-from g4seg_core.densecrf import dense_crf
-from g4seg_core.masks import validate_probability
+from g4seg_core.evaluation.densecrf import dense_crf
+from g4seg_core.method.masks import validate_probability
 
 from .common import (CATEGORY, Progress, check_interrupt, check_same_size, image_batch, knob_inputs, mask_batch,
                      pair_batches, pick, stack_masks)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from g4seg_core.config import G4SegConfig, fill_prompt
-from g4seg_core.flow import check_label
-from g4seg_core.injection import InjectionSettings
+from g4seg_core.method.flow import check_label
+from g4seg_core.method.injection import InjectionSettings
 
-from . import attention_patch
-from .comfy_backend import class_token_positions, encode_tokens, sample_one_step
+from .comfy import attention_patch
+from .comfy.backend import class_token_positions, encode_tokens, sample_one_step
 from .common import CATEGORY, knob_inputs, mask_batch
 
 

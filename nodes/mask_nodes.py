@@ -8,9 +8,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from g4seg_core import image_files, label_maps, mask_files, softening
-from g4seg_core import masks as core_masks
-from g4seg_core import palettes as core_palettes
+from g4seg_core.files import image_files, mask_files
+from g4seg_core.method import label_maps, softening
+from g4seg_core.method import masks as core_masks
+from g4seg_core.files import palettes as core_palettes
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
 

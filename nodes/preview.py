@@ -30,7 +30,7 @@ def before_after_batch(images: Optional[torch.Tensor], coarse: torch.Tensor, ref
     """IMAGE [B, h, 2w + 8, 3]: per item, the coarse mask (red) | the refined mask (green) on the image.
 
     Masks may have any size with the image's aspect ratio; without an image the masks are drawn on grey."""
-    from g4seg_core.visualize import before_after
+    from g4seg_core.files.visualize import before_after
 
     coarse, refined = mask_batch(coarse, "coarse"), mask_batch(refined, "refined")
     images = image_batch(images) if images is not None else None

@@ -1,4 +1,4 @@
-"""G4SegRefine: the whole method in one node, i.e. g4seg_core.flow.refine_batch on ComfyUI's models."""
+"""G4SegRefine: the whole method in one node, i.e. g4seg_core.method.flow.refine_batch on ComfyUI's models."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import logging
 
 import torch
 
-from g4seg_core import flow
+from g4seg_core.method import flow
 from g4seg_core.config import G4SegConfig
 
-from .comfy_backend import ComfyBackend
+from .comfy.backend import ComfyBackend
 from .common import (CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch,
                      pair_batches, pick)
 from .preview import with_preview

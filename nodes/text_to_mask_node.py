@@ -14,12 +14,12 @@ import torch
 
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.label_maps import fuse_multiclass
-from g4seg_core.palettes import voc_palette
+from g4seg_core.method.label_maps import fuse_multiclass
+from g4seg_core.files.palettes import voc_palette
 from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes
 
 from .common import CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch
-from .comfy_zeroshot import comfy_naclip_features, query_embeddings
+from .comfy.zeroshot import comfy_naclip_features, query_embeddings
 from .refine_node import OPTIONAL_KNOBS, REQUIRED_KNOBS, refine
 
 # Widget ids in their permanent order (saved workflows store values by position; append only).

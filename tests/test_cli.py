@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g4seg_core.cli import main
+from g4seg_core.commands.main import main
 
 
 def _write_pair(folder, stem="img", h=48, w=40):
@@ -103,7 +103,7 @@ def test_bench_refuses_half_precision_on_cpu_before_building(capsys):
 
 
 def test_bench_checks_its_json_path_before_building(tmp_path, capsys, monkeypatch):
-    from g4seg_core import bench
+    from g4seg_core.commands import bench
 
     monkeypatch.setattr(bench, "bench_models", lambda: pytest.fail("models built before the --json check"))
     assert main(["bench", "--device", "cpu", "--dtype", "float32", "--json", str(tmp_path)]) == 2
@@ -119,21 +119,21 @@ def test_a_broken_eval_module_is_loud_not_a_missing_subcommand(monkeypatch):
     import importlib
     import sys
 
-    monkeypatch.setitem(sys.modules, "g4seg_core.evaluation.cli", None)  # import now raises ImportError
-    monkeypatch.delitem(sys.modules, "g4seg_core.cli", raising=False)
+    monkeypatch.setitem(sys.modules, "g4seg_core.commands.evaluate", None)  # import now raises ImportError
+    monkeypatch.delitem(sys.modules, "g4seg_core.commands.main", raising=False)
     with pytest.raises(ImportError):
-        importlib.import_module("g4seg_core.cli")
+        importlib.import_module("g4seg_core.commands.main")
     monkeypatch.undo()
-    importlib.import_module("g4seg_core.cli")
+    importlib.import_module("g4seg_core.commands.main")
 
 
 def test_eval_cli_does_not_import_the_main_cli():
-    """No import circle: g4seg_core/evaluation/cli.py takes shared options from cli_options, not cli."""
+    """No import circle: g4seg_core/commands/evaluate.py takes shared options from cli_options, not cli."""
     import ast
     from pathlib import Path
 
-    import g4seg_core.evaluation.cli as eval_cli
+    import g4seg_core.commands.evaluate as eval_cli
 
     tree = ast.parse(Path(eval_cli.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "cli" not in imported and "g4seg_core.cli" not in imported
+    assert "cli" not in imported and "g4seg_core.commands.main" not in imported

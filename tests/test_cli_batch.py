@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import g4seg_core.cli as cli
-from g4seg_core.cli import main
-from g4seg_core.mask_files import save_label_map_png
+import g4seg_core.commands.main as cli
+from g4seg_core.commands.main import main
+from g4seg_core.files.mask_files import save_label_map_png
 
 FAST = ["--selfcheck", "--size", "64", "--grid", "0"]
 
@@ -154,7 +154,7 @@ def test_outputs_are_atomic_on_interrupt(tmp_path, monkeypatch):
     assert main(argv) == 0
     good = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import g4seg_core.output_files as output_files
+    import g4seg_core.files.output_files as output_files
 
     real_replace = output_files.os.replace
     calls = []
@@ -282,7 +282,7 @@ def test_out_may_not_be_the_input_folder(tmp_path, capsys, model_loads):
 
 
 def test_unwritable_out_is_one_line_before_models(tmp_path, capsys, model_loads, monkeypatch):
-    import g4seg_core.output_files as output_files
+    import g4seg_core.files.output_files as output_files
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")  # tests run as root: chmod would not stop us

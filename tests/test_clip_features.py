@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from g4seg_core.clip_features import DenseCLIPFeatures, interpolate_position_grid
+from g4seg_core.models.clip_features import DenseCLIPFeatures, interpolate_position_grid
 from g4seg_core.errors import G4SegError
 
 

@@ -1,4 +1,4 @@
-"""nodes/comfy_backend.py without ComfyUI: the ComfyUI backend driven through flow.refine_batch with
+"""nodes/comfy/backend.py without ComfyUI: the ComfyUI backend driven through flow.refine_batch with
 stand-ins that follow ComfyUI's conventions ([B, H, W, C] pixels, unscaled latents, tokenize dicts,
 CONDITIONING lists) around the tiny diffusers models, against the diffusers backend on the same weights."""
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from g4seg_core import flow
+from g4seg_core.method import flow
 from g4seg_core.config import G4SegConfig
 from g4seg_core.pipeline import G4SegPipeline
-from nodes import attention_patch, comfy_backend, refine_node
+from nodes.comfy import attention_patch, backend as comfy_backend
+from nodes import refine_node
 
 
 class StandInVAE:

@@ -6,14 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from g4seg_core import injection
+from g4seg_core.method import injection
 from g4seg_core.config import G4SegConfig, emi_time_factor
-from g4seg_core.correspondence import grid_match_to_pixels, match_features, resample_features
+from g4seg_core.method.correspondence import grid_match_to_pixels, match_features, resample_features
 from g4seg_core.errors import G4SegError
-from g4seg_core.mixing import correspondence_for, mix_foreground, update_from_features
-from g4seg_core.schedule import (add_noise, alpha_bar_at, predict_x0, scaled_linear_alphas_cumprod,
-                                 sigma_from_alpha_bar)
-from g4seg_core.tokens import find_token_positions
+from g4seg_core.method.mixing import correspondence_for, mix_foreground, update_from_features
+from g4seg_core.method.schedule import (
+    add_noise,
+    alpha_bar_at,
+    predict_x0,
+    scaled_linear_alphas_cumprod,
+    sigma_from_alpha_bar,
+)
+from g4seg_core.method.tokens import find_token_positions
 
 
 # ---- config ---------------------------------------------------------------------------
@@ -343,7 +348,7 @@ def test_default_direction_fixes_over_segmentation_literal_reinforces_it():
                                                ((8, 4, 4), 10, 30), ((8, 9, 7), 5, 10)])
 def test_fast_upsampled_matching_equals_direct(shape, grid, chunk):
     """Same similarity at the chosen index as the direct route (ties may pick another index)."""
-    from g4seg_core.correspondence import match_upsampled_features
+    from g4seg_core.method.correspondence import match_upsampled_features
 
     g = torch.Generator().manual_seed(3)
     query, ref = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)

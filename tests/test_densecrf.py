@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.metrics import iou
+from g4seg_core.evaluation.metrics import iou
 
 
 def scene(seed=0):
@@ -20,7 +20,7 @@ def scene(seed=0):
 
 
 def test_missing_package_names_the_fix(monkeypatch):
-    from g4seg_core.densecrf import dense_crf
+    from g4seg_core.evaluation.densecrf import dense_crf
 
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
@@ -31,7 +31,7 @@ def test_missing_package_names_the_fix(monkeypatch):
 
 def test_densecrf_improves_noisy_mask():
     pytest.importorskip("pydensecrf.densecrf")
-    from g4seg_core.densecrf import dense_crf
+    from g4seg_core.evaluation.densecrf import dense_crf
 
     img, gt, noisy = scene()
     out = dense_crf(img, noisy)
@@ -43,7 +43,7 @@ def test_densecrf_improves_noisy_mask():
 
 def test_densecrf_multiclass_and_validation():
     pytest.importorskip("pydensecrf.densecrf")
-    from g4seg_core.densecrf import dense_crf
+    from g4seg_core.evaluation.densecrf import dense_crf
 
     img, gt, noisy = scene()
     probs = np.stack([1 - noisy, noisy * 0.5, noisy * 0.5])
@@ -63,7 +63,7 @@ def test_densecrf_node_batch_matches_core_and_checks_inputs():
     pytest.importorskip("pydensecrf.densecrf")
     import torch
 
-    from g4seg_core.densecrf import dense_crf
+    from g4seg_core.evaluation.densecrf import dense_crf
     from nodes import NODE_CLASS_MAPPINGS
 
     node = NODE_CLASS_MAPPINGS["G4SegDenseCRF"]()

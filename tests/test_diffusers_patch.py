@@ -2,8 +2,8 @@
 
 import torch
 
-from g4seg_core.diffusers_patch import G4SegAttnProcessor, InjectionState, injected
-from g4seg_core.injection import InjectionSettings
+from g4seg_core.models.diffusers_patch import G4SegAttnProcessor, InjectionState, injected
+from g4seg_core.method.injection import InjectionSettings
 
 
 def _tiny_unet():

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g4seg_core.cli import main
-from g4seg_core.metrics import ConfusionMatrix
-from g4seg_core.palettes import voc_palette
+from g4seg_core.commands.main import main
+from g4seg_core.evaluation.metrics import ConfusionMatrix
+from g4seg_core.files.palettes import voc_palette
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_resume_after_interruption_gives_identical_totals(voc, tmp_path, monkeyp
     assert run(voc, *BASE, "--out", full) == 0
 
     # Interrupt a second run after three records, leave a half-written line behind.
-    import g4seg_core.evaluation.cli as eval_cli
+    import g4seg_core.commands.evaluate as eval_cli
 
     real = eval_cli.evaluate_image
     calls = {"n": 0}
@@ -164,7 +164,7 @@ def test_two_processes_merged_equal_one_process(voc, tmp_path):
     procs = []
     for rank in (0, 1):  # as torchrun would start them: RANK / WORLD_SIZE in the environment
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "g4seg_core.cli", "eval", str(voc), *BASE, "--out", str(sharded),
+            [sys.executable, "-m", "g4seg_core.commands.main", "eval", str(voc), *BASE, "--out", str(sharded),
              "--no-progress"], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=str(ROOT),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=120)[0] for p in procs]
@@ -199,8 +199,8 @@ def test_explicit_shards_in_process(voc, tmp_path):
 
 
 def test_coarse_folders_label_maps_and_class_probabilities(voc, tmp_path):
-    from g4seg_core.mask_files import save_probability_png16
-    from g4seg_core.perturb import make_coarse
+    from g4seg_core.files.mask_files import save_probability_png16
+    from g4seg_core.evaluation.perturb import make_coarse
 
     ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
     labels_dir, probs_dir = tmp_path / "coarse_labels", tmp_path / "coarse_probs"
@@ -239,7 +239,7 @@ def test_densecrf_method(voc, tmp_path):
 
 
 def test_g4seg_with_tiny_pipeline(voc, tmp_path):
-    pytest.importorskip("g4seg_core.tiny")  # lands with pipeline.py; then this really runs
+    pytest.importorskip("g4seg_core.models.tiny")  # lands with pipeline.py; then this really runs
     out = tmp_path / "g4"
     methods = "none,g4seg" + (",g4seg+densecrf" if _has_crf() else "")
     assert run(voc, "--split", "val", "--limit", "2", "--protocol", "lowres-8", "--methods", methods,
@@ -252,15 +252,15 @@ def test_g4seg_with_tiny_pipeline(voc, tmp_path):
 
 
 def _has_crf():
-    from g4seg_core.densecrf import crf_available
+    from g4seg_core.evaluation.densecrf import crf_available
 
     return crf_available()
 
 
 def test_g4seg_method_code_path_with_a_stub_pipeline(voc, tmp_path, monkeypatch):
     """The g4seg / g4seg+X wiring (config passed through, .prob used), without models."""
-    import g4seg_core.cli_options as cli_options
-    from g4seg_core.metrics import grey_dilate_disk
+    import g4seg_core.commands.options as cli_options
+    from g4seg_core.evaluation.metrics import grey_dilate_disk
 
     seen = []
 
@@ -292,9 +292,9 @@ def test_g4seg_method_code_path_with_a_stub_pipeline(voc, tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- baselines
 
 def test_baseline_refiners():
-    from g4seg_core.baselines import box_filter, make_refiner
+    from g4seg_core.evaluation.baselines import box_filter, make_refiner
     from g4seg_core.errors import G4SegError
-    from g4seg_core.metrics import iou
+    from g4seg_core.evaluation.metrics import iou
 
     rng = np.random.default_rng(0)
     x = rng.random((9, 11))
@@ -322,7 +322,7 @@ def test_baseline_refiners():
 
 
 def test_g4seg_refiner_shares_image_work_and_passes_empty_maps():
-    from g4seg_core.baselines import make_refiner
+    from g4seg_core.evaluation.baselines import make_refiner
 
     calls = {"prepare": 0, "refine": 0}
 

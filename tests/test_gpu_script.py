@@ -27,7 +27,7 @@ def test_dry_run_plans_install_bench_and_comfy(tmp_path):
     lines = out.stdout.splitlines()
     assert any("pip install -q -e" in line for line in lines)
     assert any(f"pip install -q -r {comfy}/requirements.txt" in line for line in lines)
-    bench = next(line for line in lines if "g4seg_core.cli bench" in line)
+    bench = next(line for line in lines if "g4seg_core.commands.main bench" in line)
     assert "--device cuda --dtype auto --size 512 --batch 8" in bench
     assert any("make_test_comfy_models.py --size full" in line for line in lines)
     assert any("compare_comfyui.py" in line and "--device cuda" in line for line in lines)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.image_files import file_size_hw, open_image, read_rgb
+from g4seg_core.files.image_files import file_size_hw, open_image, read_rgb
 
 GREY16 = (np.arange(48 * 40).reshape(48, 40) * 34).astype(np.uint16)  # 0 .. 65246
 

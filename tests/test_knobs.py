@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from g4seg_core.cli import build_parser
-from g4seg_core.cli_options import config_from_args
+from g4seg_core.commands.main import build_parser
+from g4seg_core.commands.options import config_from_args
 from g4seg_core.config import KNOBS, G4SegConfig
 from g4seg_core.errors import G4SegError
 from nodes import NODE_CLASS_MAPPINGS

@@ -12,15 +12,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ldm_format import components_to_ldm, write_checkpoint  # noqa: E402
 
 from g4seg_core.errors import G4SegError  # noqa: E402
-from g4seg_core.clip_loading import load_clip_vision, split_clip_spec  # noqa: E402
-from g4seg_core.components import SDComponents, components_from_configs  # noqa: E402
-from g4seg_core.conversion import convert_ldm_checkpoint  # noqa: E402
-from g4seg_core.detection import detect_family  # noqa: E402
-from g4seg_core.families import FAMILIES, family_configs, scheduler_alphas_cumprod  # noqa: E402
-from g4seg_core.sd_loading import load_sd_components, save_diffusers_folder  # noqa: E402
-from g4seg_core.state_dicts import assign_weights  # noqa: E402
-from g4seg_core.tiny import tiny_clip_features, tiny_configs, tiny_sd_components  # noqa: E402
-from g4seg_core.tokenizer import G4SegTokenizer  # noqa: E402
+from g4seg_core.loading.clip_loading import load_clip_vision, split_clip_spec  # noqa: E402
+from g4seg_core.models.components import SDComponents, components_from_configs  # noqa: E402
+from g4seg_core.loading.conversion import convert_ldm_checkpoint  # noqa: E402
+from g4seg_core.loading.detection import detect_family  # noqa: E402
+from g4seg_core.models.families import FAMILIES, family_configs, scheduler_alphas_cumprod  # noqa: E402
+from g4seg_core.loading.sd_loading import load_sd_components, save_diffusers_folder  # noqa: E402
+from g4seg_core.loading.state_dicts import assign_weights  # noqa: E402
+from g4seg_core.models.tiny import tiny_clip_features, tiny_configs, tiny_sd_components  # noqa: E402
+from g4seg_core.models.tokenizer import G4SegTokenizer  # noqa: E402
 
 PROMPT = "a photo of a cat"
 
@@ -203,7 +203,7 @@ def test_sd2_prediction_type(tmp_path):
 
 
 def test_sd2_weight_statistic_detects_v():
-    from g4seg_core.detection import detect_prediction_type
+    from g4seg_core.loading.detection import detect_prediction_type
 
     key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
     g = torch.Generator().manual_seed(0)
@@ -286,7 +286,7 @@ def test_family_argument_checked_first(tmp_path):
 
 
 def test_bad_family_names():
-    from g4seg_core.families import normalize_family
+    from g4seg_core.models.families import normalize_family
 
     assert normalize_family("SD1.5") == "sd15" and normalize_family("sd2") == "sd21"
     assert normalize_family("SDXL") == "sdxl" and normalize_family("sd21v") == "sd21v"
@@ -305,7 +305,7 @@ def test_clip_vision_transformers_file(tmp_path, width, act):
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from g4seg_core.clip_features import DenseCLIPFeatures
+    from g4seg_core.models.clip_features import DenseCLIPFeatures
 
     torch.manual_seed(0)
     heads = {64: 1, 1280: 16}[width]
@@ -327,7 +327,7 @@ def test_clip_vision_transformers_file(tmp_path, width, act):
 def test_clip_vision_open_clip_file(tmp_path, openai):
     from open_clip.transformer import QuickGELU, VisionTransformer
 
-    from g4seg_core.clip_features import DenseCLIPFeatures
+    from g4seg_core.models.clip_features import DenseCLIPFeatures
 
     torch.manual_seed(1)
     visual = VisionTransformer(image_size=32, patch_size=16, width=64, layers=2, heads=1, mlp_ratio=4.0,

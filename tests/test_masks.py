@@ -6,13 +6,25 @@ import torch
 from PIL import Image
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.distance_transform import euclidean_distance_transform, signed_distance
-from g4seg_core.label_maps import class_probability_from_label_map, fuse_multiclass
-from g4seg_core.mask_files import (load_label_map, load_probability, save_binary_png, save_label_map_png,
-                                   save_probability_png16)
-from g4seg_core.masks import check_same_framing, from_working_size, is_binary, resize_probability, to_working_size, validate_probability
-from g4seg_core.softening import soften_binary
-from g4seg_core.palettes import voc_palette
+from g4seg_core.method.distance_transform import euclidean_distance_transform, signed_distance
+from g4seg_core.method.label_maps import class_probability_from_label_map, fuse_multiclass
+from g4seg_core.files.mask_files import (
+    load_label_map,
+    load_probability,
+    save_binary_png,
+    save_label_map_png,
+    save_probability_png16,
+)
+from g4seg_core.method.masks import (
+    check_same_framing,
+    from_working_size,
+    is_binary,
+    resize_probability,
+    to_working_size,
+    validate_probability,
+)
+from g4seg_core.method.softening import soften_binary
+from g4seg_core.files.palettes import voc_palette
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 

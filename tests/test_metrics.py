@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from g4seg_core import metrics as M
+from g4seg_core.evaluation import metrics as M
 from g4seg_core.errors import G4SegError
 
 

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from g4seg_core.errors import G4SegError, ModelNotFoundError
-from g4seg_core.model_files import find_checkpoint, find_clip_vision
+from g4seg_core.loading.model_files import find_checkpoint, find_clip_vision
 
 
 @pytest.fixture(autouse=True)

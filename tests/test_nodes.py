@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.masks import check_same_framing
+from g4seg_core.method.masks import check_same_framing
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from g4seg_core import flow
-from nodes import comfy_backend, common, correspondence_nodes, inject_nodes, mask_nodes
+from g4seg_core.method import flow
+from nodes.comfy import backend as comfy_backend
+from nodes import common, correspondence_nodes, inject_nodes, mask_nodes
 
 IDS = ["G4SegLoadCoarseMask", "G4SegInjectAttention", "G4SegOneStepDenoise", "G4SegCLIPCorrespondence",
        "G4SegMixForeground", "G4SegRefine", "G4SegMaskToSegPalette", "G4SegDenseCRF", "G4SegTextToMask",
@@ -155,7 +156,7 @@ def test_load_coarse_mask_from_files(tmp_path):
     labels[5:20, 5:20] = 8  # cat
     labels[25:35, 25:45] = 15  # person
     im = Image.fromarray(labels, mode="P")
-    from g4seg_core.palettes import voc_palette
+    from g4seg_core.files.palettes import voc_palette
     im.putpalette(voc_palette().reshape(-1).tolist())
     pp = tmp_path / "labels.png"
     im.save(pp)
@@ -246,7 +247,7 @@ def test_pack_import_does_not_put_the_pack_folder_on_sys_path(tmp_path):
 def test_load_coarse_mask_softens_like_refine_at_the_same_size():
     """soften_width means working-size pixels everywhere: with LoadCoarseMask's size = G4SegRefine's size the
     softening is the refine flow's own (prepare_coarse); size 0 keeps the old meaning (the mask's pixels)."""
-    from g4seg_core.softening import prepare_coarse, soften_binary
+    from g4seg_core.method.softening import prepare_coarse, soften_binary
 
     binary = np.zeros((256, 320), np.float32)
     binary[60:200, 80:260] = 1

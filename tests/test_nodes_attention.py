@@ -1,4 +1,4 @@
-"""CI tests of nodes/attention_patch.py with tensors and option dicts shaped like ComfyUI's (no ComfyUI)."""
+"""CI tests of nodes/comfy/attention_patch.py with tensors and option dicts shaped like ComfyUI's (no ComfyUI)."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.injection import InjectionSettings, injected_attention, plain_attention
-from nodes import attention_patch as ap
+from g4seg_core.method.injection import InjectionSettings, injected_attention, plain_attention
+from nodes.comfy import attention_patch as ap
 
 HEADS, DH = 2, 8
 

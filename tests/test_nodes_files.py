@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.mask_files import save_label_map_png
+from g4seg_core.files.mask_files import save_label_map_png
 from nodes import mask_nodes
 from nodes.mask_nodes import G4SegLoadCoarseMask
 

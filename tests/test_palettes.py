@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.palettes import (
+from g4seg_core.files.palettes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
     VOC_CLASSES,
@@ -122,7 +122,7 @@ def test_draw_seg_palette_errors():
 
 
 def test_parse_class_choice_takes_any_index_and_names_and_rejects_nonsense():
-    from g4seg_core.palettes import parse_class_choice
+    from g4seg_core.files.palettes import parse_class_choice
 
     assert parse_class_choice("37") == 37 and parse_class_choice(" 254 ") == 254 and parse_class_choice(0) == 0
     assert parse_class_choice("cat") == 8 and parse_class_choice("potted_plant") == 16

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.metrics import iou
-from g4seg_core.perturb import derive_seed, make_coarse, parse_protocol
+from g4seg_core.evaluation.metrics import iou
+from g4seg_core.evaluation.perturb import derive_seed, make_coarse, parse_protocol
 
 
 def shapes():

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from g4seg_core import precision
-from g4seg_core.cli import main
+from g4seg_core.loading import precision
+from g4seg_core.commands.main import main
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.injection import InjectionSettings
+from g4seg_core.method.injection import InjectionSettings
 from g4seg_core.pipeline import G4SegPipeline
-from nodes import attention_patch as ap
+from nodes.comfy import attention_patch as ap
 
 
 @pytest.fixture
@@ -148,12 +148,12 @@ def test_attention_patch_low_precision_matches_float32(kind, mode):
 
 def test_bench_compares_with_float32_in_the_same_run(monkeypatch, tmp_path, capsys):
     """The bench's plumbing on tiny models (the real run uses the full-size architecture): no timings asserted."""
-    from g4seg_core import bench
-    from g4seg_core.tiny import tiny_clip_features, tiny_sd_components
+    from g4seg_core.commands import bench
+    from g4seg_core.models.tiny import tiny_clip_features, tiny_sd_components
 
     monkeypatch.setattr(bench, "bench_models", lambda: (tiny_sd_components("sd21"), tiny_clip_features()))
     # the 128-grid matching timing has its own bench line; here it would only cost seconds
-    monkeypatch.setattr("g4seg_core.correspondence.match_upsampled_features", lambda *args: None)
+    monkeypatch.setattr("g4seg_core.method.correspondence.match_upsampled_features", lambda *args: None)
     out = tmp_path / "bench.json"
     assert main(["bench", "--device", "cpu", "--dtype", "bfloat16", "--size", "64", "--repeats", "1",
                  "--json", str(out)]) == 0

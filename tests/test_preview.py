@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from g4seg_core.visualize import COARSE_COLOR, REFINED_COLOR
+from g4seg_core.files.visualize import COARSE_COLOR, REFINED_COLOR
 from nodes import NODE_CLASS_MAPPINGS
 from nodes.preview import before_after_batch, with_preview
 

@@ -7,9 +7,9 @@ import torch
 import pytest
 from PIL import Image
 
-from g4seg_core.cli import main
+from g4seg_core.commands.main import main
 from g4seg_core.errors import G4SegError
-from g4seg_core.mask_files import load_label_map
+from g4seg_core.files.mask_files import load_label_map
 
 FAST = ("--selfcheck", "--templates", "single", "--short-side", "64", "--window", "64", "--stride", "32")
 
@@ -99,7 +99,7 @@ def test_segment_output_is_an_eval_coarse_source(tmp_path):
 
 
 def test_class_file_names_collide_loudly():
-    from g4seg_core.segment_command import class_file_names
+    from g4seg_core.commands.segment import class_file_names
 
     assert class_file_names(["potted plant", "tv/monitor"]) == ["potted_plant", "tv_monitor"]
     with pytest.raises(G4SegError, match="collide"):

@@ -12,7 +12,7 @@ from g4seg_core.zeroshot.vocabulary import parse_classes
 
 from nodes import NODE_CLASS_MAPPINGS
 from nodes import common
-from nodes import comfy_zeroshot as cz
+from nodes.comfy import zeroshot as cz
 from nodes import text_to_mask_node as tn
 
 
@@ -59,7 +59,7 @@ class FakeClip:
 
 
 def _core():
-    from g4seg_core.tiny import tiny_text_to_mask
+    from g4seg_core.models.tiny import tiny_text_to_mask
 
     return tiny_text_to_mask()
 

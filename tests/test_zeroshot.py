@@ -134,7 +134,7 @@ def test_keys_against_keys_attention_without_residual_or_mlp():
 
 def _direct_naclip(visual, images, sigma=5.0):
     """The recipe written out: blocks 0..L-2 as they are, the last block replaced, ln_post, proj, CLS dropped."""
-    from g4seg_core.clip_features import CLIP_MEAN, CLIP_STD, interpolate_position_grid
+    from g4seg_core.models.clip_features import CLIP_MEAN, CLIP_STD, interpolate_position_grid
 
     pixels = (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     p = visual.conv1.kernel_size[0]
@@ -189,7 +189,7 @@ def test_transformers_format_equals_open_clip_format_on_the_same_weights():
     assert a.shape == b.shape == (1, OUT, 4, 7)
     assert torch.allclose(a, b, atol=1e-5)
     # and neighbourhood_features() picks the right builder for an existing DenseCLIPFeatures
-    from g4seg_core.clip_features import DenseCLIPFeatures
+    from g4seg_core.models.clip_features import DenseCLIPFeatures
 
     c = nb.neighbourhood_features(DenseCLIPFeatures.from_transformers(to_transformers(visual)), sigma=2.0)(images)
     assert torch.allclose(a, c, atol=1e-5)
@@ -223,7 +223,7 @@ def test_template_averaging_normalises_each_prompt_then_the_mean():
 
 @torch.no_grad()
 def test_open_clip_text_tower_trimmed_padding_equals_full_context():
-    from g4seg_core.tokenizer import G4SegTokenizer
+    from g4seg_core.models.tokenizer import G4SegTokenizer
 
     t = tiny_text()
     tower = tx.OpenCLIPTextTower(t)
@@ -250,7 +250,7 @@ def _sd2_like_file(tmp_path, with_projection=True, name="sd2.safetensors"):
 def test_text_tower_from_sd2_checkpoint_and_clear_errors(tmp_path):
     from safetensors.torch import save_file
 
-    from g4seg_core.tokenizer import G4SegTokenizer
+    from g4seg_core.models.tokenizer import G4SegTokenizer
 
     path, t = _sd2_like_file(tmp_path)
     tower = tx.load_text_tower(path)

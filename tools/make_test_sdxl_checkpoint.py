@@ -35,9 +35,9 @@ def build(comfyui: str, out_path: str, seed: int) -> None:
     from safetensors.torch import save_file
 
     sys.path.insert(0, ROOT)
-    from g4seg_core.components import build_unet, build_vae
-    from g4seg_core.families import family_configs
-    from g4seg_core.text_encoders import build_text_encoder
+    from g4seg_core.models.components import build_unet, build_vae
+    from g4seg_core.models.families import family_configs
+    from g4seg_core.models.text_encoders import build_text_encoder
 
     configs = family_configs("sdxl")  # the architecture g4seg ships for SDXL base 1.0
     torch.manual_seed(seed)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import G4SegError
-from ..image_files import IMAGE_EXTS, MASK_EXTS
-from ..perturb import derive_seed, make_coarse, parse_protocol
+from ..files.image_files import IMAGE_EXTS, MASK_EXTS
+from .perturb import derive_seed, make_coarse, parse_protocol
 
 
 # Prompt-friendly spellings of the VOC names (the class name goes into "a photo of a {}").
@@ -38,7 +38,7 @@ PROMPT_NAMES = {"aeroplane": "aeroplane", "diningtable": "dining table",
 
 
 def default_class_names(num_classes: int) -> List[str]:
-    from ..palettes import VOC_CLASSES
+    from ..files.palettes import VOC_CLASSES
 
     names = list(VOC_CLASSES[:num_classes])
     names += [f"class{i}" for i in range(len(names), num_classes)]
@@ -58,20 +58,20 @@ def read_class_names(path: str) -> List[str]:
 
 def load_rgb(path: Path) -> np.ndarray:
     """The picture as uint8 RGB (16-bit and float images scaled, greyscale repeated: image_files)."""
-    from ..image_files import read_rgb
+    from ..files.image_files import read_rgb
 
     return read_rgb(path).pixels
 
 
 def load_labels(path: Path) -> np.ndarray:
     """A label map as uint8/int [H, W] (palette indices, grey values, or .npy)."""
-    from .. import mask_files
+    from ..files import mask_files
 
     return np.asarray(mask_files.load_label_map(str(path)))
 
 
 def load_prob(path: Path) -> np.ndarray:
-    from .. import mask_files
+    from ..files import mask_files
 
     return np.asarray(mask_files.load_probability(str(path)), dtype=np.float32)
 
@@ -198,7 +198,7 @@ class VOCStyleDataset:
                 return i
         if self.class_names == default_class_names(21):  # VOC: accept aliases (tv, airplane...)
             try:
-                from ..palettes import voc_class_index
+                from ..files.palettes import voc_class_index
 
                 i = voc_class_index(t)
                 return i if i < self.num_classes else None
@@ -258,7 +258,7 @@ class VOCStyleDataset:
     # -- checking (cheap: file headers only, before any model loads)
     def check(self, sid: str) -> None:
         """Raise G4SegError if the files of ``sid`` cannot be opened or the sizes disagree."""
-        from ..image_files import file_size_hw
+        from ..files.image_files import file_size_hw
 
         if sid in self._clashes:
             raise G4SegError(f"{sid}: several files for one role ({'; '.join(self._clashes[sid])}): "

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..output_files import atomic_path, atomic_write_text, save_image
+from ..files.output_files import atomic_path, atomic_write_text, save_image
 from .runner import BUCKETS, PAPER_TABLE_VII, dedupe
 
 CSV_COLUMNS = ["method", "images", "samples",
@@ -77,7 +77,7 @@ def write_summary_csv(out_dir, summary: dict) -> Path:
 # ----------------------------------------------------------------------------- grid image
 
 def _colorize(labels: np.ndarray, image: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    from ..palettes import voc_palette
+    from ..files.palettes import voc_palette
 
     pal = voc_palette().astype(np.float32)
     col = pal[labels.astype(np.int64).clip(0, 255)]

@@ -30,8 +30,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from ..errors import G4SegError
-from ..metrics import ConfusionMatrix, boundary_band, boundary_dilation, iou, mba
-from ..output_files import os_error_message
+from .metrics import ConfusionMatrix, boundary_band, boundary_dilation, iou, mba
+from ..files.output_files import os_error_message
 
 BUCKETS = ((0.0, 40.0, "0-40"), (40.0, 80.0, "40-80"), (80.0, 100.0001, "80-100"))
 # Table VII (VOC, CLIP-ES seeds): gain in IoU points per initial-IoU bucket.
@@ -45,7 +45,7 @@ PAPER_TABLE_VII = {"g4seg": {"0-40": 0.2, "40-80": 1.9, "80-100": 1.1},
 def fuse(probs: Mapping[int, np.ndarray], shape, bg_power: float) -> np.ndarray:
     if not probs:
         return np.zeros(shape, dtype=np.uint8)
-    from ..label_maps import fuse_multiclass
+    from ..method.label_maps import fuse_multiclass
 
     return np.asarray(fuse_multiclass(dict(probs), bg_power=bg_power))
 

@@ -38,7 +38,7 @@ def load_segmenter(clip, text, config: Optional[ZeroShotConfig] = None, device: 
 
 def load_matching_features(clip, tower, sigma: float, device="cpu", dtype: torch.dtype = torch.float32):
     """NACLIP features of the CLIP image encoder `clip`, checked to embed into the text tower's space."""
-    from ..clip_loading import load_clip_vision
+    from ..loading.clip_loading import load_clip_vision
 
     features = neighbourhood_features(load_clip_vision(clip, device=device, dtype=dtype), sigma)
     vision_width = _output_width(features.module)

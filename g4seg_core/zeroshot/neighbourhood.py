@@ -25,7 +25,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..clip_features import DenseCLIPFeatures, interpolate_position_grid, open_clip_input_tokens
+from ..models.clip_features import DenseCLIPFeatures, interpolate_position_grid, open_clip_input_tokens
 from ..errors import G4SegError
 
 DEFAULT_SIGMA = 5.0

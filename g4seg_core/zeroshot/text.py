@@ -22,9 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..detection import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT2_PREFIX
+from ..loading.detection import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT2_PREFIX
 from ..errors import G4SegError
-from ..tokenizer import G4SegTokenizer
+from ..models.tokenizer import G4SegTokenizer
 
 log = logging.getLogger("g4seg")
 
@@ -184,8 +184,8 @@ def open_clip_text_from_state_dict(state_dict, source: str, quick_gelu: bool = F
     """Build an open_clip TextTransformer from the shapes of open_clip-format text weights and load them."""
     from open_clip.transformer import QuickGELU, TextTransformer
 
-    from ..clip_loading import _layer_count
-    from ..state_dicts import assign_weights
+    from ..loading.clip_loading import _layer_count
+    from ..loading.state_dicts import assign_weights
 
     prefix = _open_clip_text_prefix(state_dict)
     if prefix is None:
@@ -246,8 +246,8 @@ def load_text_tower(path_or_spec: Union[str, Path], device="cpu", dtype: torch.d
     or an SDXL diffusers folder. SD1.x checkpoints and diffusers-converted SD2.x files are errors
     that say what to load instead.
     """
-    from ..clip_loading import _is_openai, split_clip_spec
-    from ..state_dicts import load_state_dict_file
+    from ..loading.clip_loading import _is_openai, split_clip_spec
+    from ..loading.state_dicts import load_state_dict_file
 
     name, file = split_clip_spec(path_or_spec)
     path = Path(os.path.expanduser(file))

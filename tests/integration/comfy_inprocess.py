@@ -253,7 +253,7 @@ def drift(ckpt, diffusers_dir, cv_path, tmp):
     # float32 = the precision ComfyUI computes in on a CPU by default; "auto" is the CLI's default dtype
     for dtype in ("float32", "auto"):
         cli_out = os.path.join(tmp, f"cli_{dtype}")
-        run = subprocess.run([sys.executable, "-m", "g4seg_core.cli", "refine", os.path.join(tmp, "photo.png"),
+        run = subprocess.run([sys.executable, "-m", "g4seg_core.commands.main", "refine", os.path.join(tmp, "photo.png"),
                               os.path.join(tmp, "photo_mask.png"), "--label", "cat", "--out", cli_out, "--size", "256",
                               "--checkpoint", diffusers_dir, "--clip", cv_path, "--device", "cpu", "--dtype", dtype],
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)

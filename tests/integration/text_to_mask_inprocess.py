@@ -129,7 +129,7 @@ def pack_nodes_labels(label_map):
     """VOC colours back to indices (the node outputs a colour picture)."""
     import numpy as np
 
-    from g4seg_core.palettes import voc_palette
+    from g4seg_core.files.palettes import voc_palette
 
     colours = (label_map[0].cpu().numpy() * 255).round().astype(np.int64)
     palette = voc_palette().astype(np.int64)

@@ -1,0 +1,115 @@
+"""Command-line options shared by `g4seg refine` and `g4seg eval`: G4Seg parameters, model files.
+
+Both g4seg_core/commands/main.py and g4seg_core/commands/evaluate.py import this module (neither imports
+the other's caller), so there is no import circle between the two command modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import KNOBS, G4SegConfig
+from ..errors import G4SegError, ModelNotFoundError
+
+RANDOM_BANNER = ("=" * 78 + "\n  RANDOM WEIGHTS: tiny random-weight models built from config.\n"
+                 "  This checks the installation, not the result: the masks it writes are meaningless.\n"
+                 "  Point at real weights with --checkpoint/--clip, G4SEG_CHECKPOINT/G4SEG_CLIP or a ComfyUI install.\n"
+                 + "=" * 78)
+
+
+# ---- parameters shared by refine and eval ------------------------------------------------
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per knob of config.KNOBS (default None: a flag overrides --config only when given)."""
+    g = parser.add_argument_group("G4Seg parameters (defaults: the paper's; see README)")
+    g.add_argument("--config", help="JSON file of G4SegConfig values; flags below override it")
+    for knob in KNOBS:
+        if not knob.cli_flag:
+            continue
+        if knob.kind == "band":
+            default = " ".join(f"{v:g}" for v in knob.default)
+        else:
+            default = repr(knob.default) if knob.kind == "str" else knob.default
+        shown = f"{knob.help} (default {default})" if knob.default is not None else knob.help
+        kwargs = {"dest": knob.name, "help": shown.replace("%", "%%")}
+        if knob.kind == "choice":
+            kwargs["choices"] = knob.choices
+        elif knob.kind in ("int", "float"):
+            kwargs["type"] = int if knob.kind == "int" else float
+        elif knob.kind == "band":
+            kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+        g.add_argument(knob.cli_flag, **kwargs)
+
+
+def config_from_args(args) -> G4SegConfig:
+    values = {}
+    if getattr(args, "config", None):
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise G4SegError(f"cannot read --config {args.config}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise G4SegError(f"--config {args.config} holds a JSON {type(loaded).__name__}; it must be an object of "
+                             "G4Seg parameters, e.g. {\"beta\": 0.9}")
+        values.update(loaded)
+    for knob in KNOBS:
+        value = getattr(args, knob.name, None)
+        if value is not None:
+            values[knob.name] = value
+    try:
+        return G4SegConfig.from_dict(values)
+    except G4SegError as exc:
+        where = f" (flags and --config {args.config})" if getattr(args, "config", None) else ""
+        raise G4SegError(f"{exc}{where}") from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models (never downloaded)")
+    g.add_argument("--checkpoint", help="SD checkpoint: single .safetensors/.ckpt or a diffusers folder "
+                                        "(else $G4SEG_CHECKPOINT, else ComfyUI models/checkpoints)")
+    g.add_argument("--clip", help="CLIP image encoder: a models/clip_vision file, open_clip weights, or "
+                                  "'ViT-B-16:/path/weights.bin' (else $G4SEG_CLIP, else ComfyUI models/clip_vision)")
+    g.add_argument("--comfyui-dir", help="a ComfyUI install whose models/ folders are searched (else $COMFYUI_PATH)")
+    g.add_argument("--family", choices=("sd15", "sd21", "sd21v", "sdxl"),
+                   help="model family when it cannot be read from the file (SD2.1-768 v-prediction: sd21v)")
+    g.add_argument("--selfcheck", action="store_true",
+                   help="use tiny random-weight models: checks the installation, not the result")
+    g.add_argument("--selfcheck-if-missing", action="store_true",
+                   help="use real weights when found, else the tiny random-weight self-check (said loudly)")
+
+
+def build_pipeline(args, config: G4SegConfig):
+    from ..pipeline import G4SegPipeline
+    from ..loading.precision import dtype_name
+
+    if args.selfcheck:
+        print(RANDOM_BANNER, file=sys.stderr)
+        return G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype), "selfcheck (random weights)"
+    try:
+        pipe = G4SegPipeline.from_pretrained(args.checkpoint, clip=args.clip, comfyui_dir=args.comfyui_dir,
+                                             family=args.family, device=args.device, dtype=config.dtype)
+        files = ", ".join(str(f) for f in pipe.components.files)
+        print(f"g4seg: SD weights {files}; CLIP {getattr(pipe.clip, 'name', 'clip')}; "
+              f"{dtype_name(pipe.dtype)} ({pipe.dtype_reason})", file=sys.stderr)
+        return pipe, "weights: " + files
+    except ModelNotFoundError as exc:
+        if not args.selfcheck_if_missing:
+            raise
+        print(f"no weights found:\n{exc}\n", file=sys.stderr)
+        print(RANDOM_BANNER, file=sys.stderr)
+        return (G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype),
+                "selfcheck (random weights; no weights found)")
+
+
+def load_image(path: Path, convert_rgb: bool, quiet: bool = False):
+    """The picture as uint8 RGB (16-bit / float scaled, see image_files); notes what was converted."""
+    from ..files.image_files import read_rgb
+
+    picture = read_rgb(path)
+    if picture.channels_converted and not convert_rgb:
+        raise G4SegError(f"{path} is {picture.source}, not RGB: pass --convert-rgb to convert it")
+    if picture.note and not quiet:
+        print(f"note: {path.name}: {picture.source}; {picture.note}", file=sys.stderr)
+    return picture.pixels

@@ -1,0 +1,242 @@
+"""`g4seg segment IMAGE --classes "cat, sofa, person" --out DIR [--refine]`: words -> coarse masks.
+
+Writes per image (STEM = the image's file name without extension):
+    DIR/STEM.png             label map (VOC-palette PNG: 0 background, 1.. the classes in the given order)
+    DIR/STEM_<class>.png     per-class probability (16-bit PNG, 0..65535 = 0..1)
+    DIR/STEM_overlay.jpg     the image tinted with the label map, with a legend
+    DIR/STEM_segment.json    every parameter, the model files, class fractions, timings
+and with --refine (G4Seg per class present in the label map, then multi-class fusion):
+    DIR/refined/STEM.png, DIR/refined/STEM_<class>.png, DIR/refined/STEM_overlay.jpg
+
+DIR is laid out as `g4seg eval --coarse DIR` reads coarse masks (<id>.png label maps), so
+`g4seg segment VOC/JPEGImages --classes voc --out coarse/` then `g4seg eval VOC --coarse coarse/`
+reproduces the paper's Table I chain (training-free segmenter -> + G4Seg) for anyone with weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import List
+
+from .options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args, load_image
+from ..errors import G4SegError, ModelNotFoundError
+from ..files.image_files import IMAGE_EXTS, files_by_stem
+
+
+
+def add_segment_parser(sub) -> None:
+    from ..zeroshot import ZeroShotConfig
+
+    p = sub.add_parser("segment", help="words -> coarse masks: class names to per-class probabilities and a label map "
+                                       "(training-free, on a CLIP you already have); --refine adds G4Seg")
+    p.add_argument("image", help="RGB image, or a folder of images")
+    p.add_argument("--classes", required=True,
+                   help="class names, e.g. 'cat, sofa|couch, person' (',' or new lines between classes, '|' between "
+                        "synonyms of one class); 'voc' = the 20 PASCAL VOC classes in VOC order")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--text", help="CLIP text tower with its projection: an SD2.x/SDXL single-file checkpoint, a full "
+                                  "open_clip CLIP file ('ViT-B-16:/path/open_clip_pytorch_model.bin') or an SDXL "
+                                  "diffusers folder (default: --clip when it holds a text tower, else the SD checkpoint)")
+    p.add_argument("--refine", action="store_true",
+                   help="refine each class present with G4Seg (needs the SD checkpoint) and fuse the classes")
+    p.add_argument("--convert-rgb", action="store_true", help="convert grayscale/RGBA/palette images to RGB")
+    add_model_arguments(p)
+    g = p.add_argument_group("segmenter (defaults: the NACLIP recipe)")
+    d = ZeroShotConfig()
+    for f in fields(ZeroShotConfig):
+        g.add_argument("--" + f.name.replace("_", "-"), dest="zs_" + f.name, type=type(f.default),
+                       choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
+                       help=f"{f.metadata.get('help', '')} (default {getattr(d, f.name)})")
+    add_config_arguments(p)  # G4Seg parameters (used by --refine), --device, --dtype
+    p.set_defaults(func=cmd_segment)
+
+
+def segmenter_config(args):
+    from ..zeroshot import ZeroShotConfig
+
+    values = {f.name: getattr(args, "zs_" + f.name) for f in fields(ZeroShotConfig)
+              if getattr(args, "zs_" + f.name, None) is not None}
+    return ZeroShotConfig.from_dict(values)
+
+
+def _device(args):
+    from ..loading.precision import default_device
+
+    return default_device(args.device)
+
+
+def _tiny(why: str):
+    from ..models.tiny import tiny_text_to_mask
+
+    print(RANDOM_BANNER, file=sys.stderr)
+    features, tower = tiny_text_to_mask()
+    return features, tower, {"models": f"selfcheck (random weights{why})", "random_weights": True}
+
+
+def load_models(args, config):
+    """(NACLIP features, text tower, description) from the flags; the tiny self-check when asked or missing."""
+    from ..loading.model_files import find_checkpoint, find_clip_vision
+    from ..zeroshot import load_matching_features, load_text_tower
+
+    if args.selfcheck:
+        return _tiny("")
+    from ..loading.precision import dtype_name, resolve_dtype
+
+    device = _device(args)
+    choice = resolve_dtype(args.dtype, device)  # "auto": bfloat16 on CPUs with native bf16, float16 on CUDA
+    dtype = choice.dtype
+    try:
+        tower, text_source = None, args.text
+        if text_source is None and args.clip:
+            try:  # a full open_clip CLIP file carries both towers
+                tower, text_source = load_text_tower(args.clip, device=device, dtype=dtype), args.clip
+            except G4SegError:
+                tower = None
+        if tower is None:
+            text_source = text_source or find_checkpoint(args.checkpoint, args.comfyui_dir)
+            tower = load_text_tower(text_source, device=device, dtype=dtype)
+        clip = find_clip_vision(args.clip, args.comfyui_dir, width=tower.width)
+    except ModelNotFoundError as exc:
+        if not args.selfcheck_if_missing:
+            raise
+        print(f"no weights found:\n{exc}\n", file=sys.stderr)
+        return _tiny("; no weights found")
+    features = load_matching_features(clip, tower, config.sigma, device, dtype)
+    print(f"g4seg segment: text {tower.name}; vision {features.name}", file=sys.stderr)
+    return features, tower, {"models": "weights", "random_weights": False, "text": str(text_source),
+                             "text_tower": tower.name, "clip": str(clip), "clip_vision": features.name,
+                             "device": str(device), "dtype": f"{dtype_name(dtype)} ({choice.reason})"}
+
+
+def class_file_names(names) -> List[str]:
+    """File-name-safe class names ('potted plant' -> 'potted_plant'); two classes may not share one."""
+    out = [re.sub(r"[^\w\-]+", "_", n).strip("_") or f"class{i + 1}" for i, n in enumerate(names)]
+    clashes = sorted({n for n in out if out.count(n) > 1})
+    if clashes:
+        raise G4SegError(f"class names {clashes} collide as file names: rename the classes")
+    return out
+
+
+def _images(path: Path) -> List[Path]:
+    if path.is_dir():
+        found = sorted(files_by_stem(path, IMAGE_EXTS, "image").values())
+        if not found:
+            raise G4SegError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
+        return found
+    if not path.exists():
+        raise G4SegError(f"{path} does not exist")
+    return [path]
+
+
+def write_segmentation(out_dir: Path, stem: str, image, result, file_names, title: str) -> dict:
+    import numpy as np
+
+    from ..files.mask_files import save_label_map_png, save_probability_png16
+    from ..files.output_files import save_image
+    from ..files.visualize import label_overlay
+
+    files = {"labels": out_dir / f"{stem}.png", "overlay": out_dir / f"{stem}_overlay.jpg"}
+    save_label_map_png(result["labels"], files["labels"])
+    for name, prob in zip(file_names, result["probs"]):
+        files[f"prob_{name}"] = out_dir / f"{stem}_{name}.png"
+        save_probability_png16(np.clip(prob, 0, 1), files[f"prob_{name}"])
+    save_image(label_overlay(np.asarray(image), result["labels"], result["names"], title), files["overlay"],
+               format="JPEG", quality=92)
+    return {k: str(v) for k, v in files.items()}
+
+
+def cmd_segment(args) -> int:
+    from tqdm import tqdm
+
+    from ..files.image_files import file_size_hw
+    from ..files.output_files import prepare_output_dir
+    from ..zeroshot import ZeroShotSegmenter, parse_classes
+
+    # every check that needs no model first: settings, classes, image headers, the output folder
+    config = segmenter_config(args)
+    classes = parse_classes(args.classes, config.background)
+    file_names = class_file_names(classes.classes)
+    images = _images(Path(args.image))
+    folder_run = Path(args.image).is_dir()
+    g4seg_config = config_from_args(args) if args.refine else None
+    failures = []
+    for path in list(images):
+        try:
+            file_size_hw(path)
+        except G4SegError as exc:
+            if not folder_run:
+                raise
+            failures.append((path, str(exc)))
+            images.remove(path)
+    out_dir = prepare_output_dir(args.out)
+    features, tower, models = load_models(args, config)
+    segmenter = ZeroShotSegmenter(features, tower, config)
+    pipe = None
+    if args.refine:
+        from .options import build_pipeline
+
+        pipe, refine_models = build_pipeline(args, g4seg_config)
+        models["refine_models"] = refine_models
+    random = models["random_weights"] or models.get("refine_models", "").startswith("selfcheck")
+    title = "RANDOM WEIGHTS: not a real result" if random else ""
+    if classes.dropped_background:
+        print(f"note: {', '.join(classes.dropped_background)} listed as class(es), so not used as background",
+              file=sys.stderr)
+    for path in tqdm(images, desc="g4seg segment", unit="image"):
+        try:
+            report = _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe,
+                                  g4seg_config, random)
+        except G4SegError as exc:  # one bad image does not stop a folder run
+            if not folder_run:
+                raise
+            failures.append((path, str(exc)))
+            tqdm.write(f"{path.name}: FAILED: {exc}")
+            continue
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in report["label_fractions"].items() if v > 0)
+        tqdm.write(f"{path.name}: {shares} -> {out_dir}/{path.stem}*")
+    if failures:
+        print(f"g4seg segment: {len(failures)} of {len(failures) + len(images)} image(s) failed:", file=sys.stderr)
+        for path, why in failures:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe, g4seg_config, random):
+    import numpy as np
+
+    from ..files.output_files import atomic_write_text
+
+    image = load_image(path, args.convert_rgb)
+    start = time.perf_counter()
+    result = segmenter.segment(image, classes)
+    outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
+                                                             "names": result.names}, file_names, title)
+    report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
+              "outputs": outputs}
+    if random:
+        report["note"] = "random weights: these masks are meaningless (installation check only)"
+    if pipe is not None:
+        present = [k for k in range(1, len(classes.classes) + 1) if (result.labels == k).any()]
+        masks = {classes.classes[k - 1]: result.probs[k - 1] for k in present}
+        refined_probs = np.zeros_like(result.probs)
+        labels = np.zeros_like(result.labels)
+        if masks:
+            multi = pipe.refine_multiclass(image, masks, g4seg_config,
+                                           class_indices={classes.classes[k - 1]: k for k in present})
+            labels = multi.labels
+            for name, res in multi.results.items():
+                refined_probs[classes.classes.index(name)] = res.prob
+        report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(masks),
+                            "outputs": write_segmentation(out_dir / "refined", path.stem, image,
+                                                          {"labels": labels, "probs": refined_probs,
+                                                           "names": result.names}, file_names,
+                                                          title or "G4Seg-refined")}
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    atomic_write_text(out_dir / f"{path.stem}_segment.json", json.dumps(report, indent=2))
+    return report

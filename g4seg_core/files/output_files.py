@@ -1,0 +1,105 @@
+"""Output files: written atomically, into output folders checked before any work starts.
+
+Every file the CLI and ``g4seg eval`` write goes through ``atomic_path``: it is written to a
+hidden temporary file in the same folder and renamed over the target only when complete, so
+an interrupt (Ctrl-C, kill, full disk) leaves either the previous good file or none, never a
+truncated one. ``prepare_output_dir`` creates and probes an output folder up front, so an
+unwritable ``--out`` is a one-line error before any model loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+from ..errors import G4SegError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def os_error_message(exc: OSError, what: str = "") -> str:
+    """One line naming the path(s) and the reason of an OSError (no traceback)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(os.fsdecode(p) for p in paths)
+    prefix = f"{what} " if what else ""
+    return f"{prefix}{where}: {reason}" if where else f"{prefix}{reason}".strip()
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` when the block succeeds.
+
+    The temporary name keeps the extension (writers that pick the format from it still work)
+    and starts with a dot (folder globs skip it). On any failure, KeyboardInterrupt included,
+    the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def save_image(image, path: PathLike, format: str = "PNG", **params) -> Path:
+    """Save a PIL image atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=format, **params)
+    return Path(path)
+
+
+def prepare_output_dir(path: PathLike, flag: str = "--out") -> Path:
+    """Create ``path`` (with parents) and check that files can be written into it.
+
+    Raises G4SegError with one line naming the folder and the reason: it names an existing
+    file, a parent is a file, permission denied, read-only file system, ...
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise G4SegError(f"{flag} {out} is an existing file, not a folder: give a folder "
+                         f"(it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise G4SegError(f"{flag} {out}: cannot create the folder ({os_error_message(exc)})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".g4seg-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise G4SegError(f"{flag} {out}: cannot write into the folder ({exc.strerror or exc}); "
+                         f"choose a folder you can write to") from None
+    return out
+
+
+def prepare_output_file(path: PathLike, flag: str) -> Path:
+    """Check before any work that ``path`` can be written: not a folder, its folder writable (created)."""
+    out = Path(path)
+    if out.is_dir():
+        raise G4SegError(f"{flag} {out} is a folder: give a file name, e.g. {out / 'bench.json'}")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise G4SegError(f"{flag} {out}: {blocking} is a file, so nothing can be written under it; "
+                         "choose a path in a folder")
+    prepare_output_dir(out.parent, flag=f"{flag} {out}: folder")
+    return out

@@ -1,0 +1,92 @@
+"""Mask injection into a diffusers UNet: an attention processor per attention layer.
+
+All math lives in `injection.py`; this module only adapts diffusers' Attention modules
+(project q/k/v, call the shared function, project out) and installs/restores processors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..errors import G4SegError
+from ..method.injection import InjectionSettings, grid_for_tokens
+
+
+@dataclass
+class InjectionState:
+    """What changes per UNet call; shared by every processor of the UNet."""
+
+    # One InjectionSettings for every batch row, or one per image of a batch: row r then uses
+    # settings[r % len(settings)] (under CFG the rows are [uncond images..., cond images...]).
+    settings: Union[InjectionSettings, Sequence[InjectionSettings]]
+    latent_hw: Tuple[int, int]
+    timestep: float
+    apply_to: Optional[torch.Tensor] = None  # bool [B]: rows to modulate (cond rows under CFG)
+
+    def attention(self, q, k, v, heads: int, kind: str) -> torch.Tensor:
+        if isinstance(self.settings, InjectionSettings):
+            return self._rows_attention(self.settings, q, k, v, heads, kind, self.apply_to)
+        per_image = list(self.settings)
+        if q.shape[0] % len(per_image):
+            raise G4SegError(f"{q.shape[0]} attention rows do not split over {len(per_image)} images")
+        # Each image has its own mask and class tokens: attention row by row (the projections,
+        # convolutions and feed-forward layers around it stay batched).
+        return torch.cat([self._rows_attention(per_image[r % len(per_image)], q[r:r + 1], k[r:r + 1], v[r:r + 1],
+                                               heads, kind, None if self.apply_to is None else self.apply_to[r:r + 1])
+                          for r in range(q.shape[0])])
+
+    def _rows_attention(self, settings: InjectionSettings, q, k, v, heads, kind, apply_to):
+        gh, gw = grid_for_tokens(q.shape[1], *self.latent_hw)
+        return settings.attention(q, k, v, heads, kind=kind, timestep=self.timestep,
+                                  mask_tokens=settings.tokens_for_grid(gh, gw, device=q.device),
+                                  apply_to=apply_to, area=settings.area_for_grid(gh, gw))
+
+
+class G4SegAttnProcessor:
+    """Replaces a UNet attention processor; `kind` is 'self' (attn1) or 'cross' (attn2)."""
+
+    def __init__(self, state: InjectionState, kind: str):
+        self.state = state
+        self.kind = kind
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if hidden_states.ndim != 3:
+            raise G4SegError("G4Seg injection supports token-sequence attention only (SD1/SD2/SDXL UNets)")
+        if attention_mask is not None:
+            raise G4SegError("G4Seg injection does not combine with an attention mask from the caller")
+        residual = hidden_states
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        out = self.state.attention(q, k, v, attn.heads, self.kind)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _kind_of(processor_name: str) -> str:
+    if ".attn1." in processor_name:
+        return "self"
+    if ".attn2." in processor_name:
+        return "cross"
+    raise G4SegError(f"unexpected attention layer {processor_name!r}: not an SD UNet transformer block")
+
+
+@contextlib.contextmanager
+def injected(unet, state: InjectionState):
+    """Install G4Seg processors on every transformer-block attention; restore on exit."""
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor({name: G4SegAttnProcessor(state, _kind_of(name)) for name in previous})
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(previous)
