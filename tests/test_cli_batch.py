@@ -275,9 +275,9 @@ def test_config_files_with_wrong_types_are_one_line_errors(tmp_path, capsys, mod
 
 def test_out_may_not_be_the_input_folder(tmp_path, capsys, model_loads):
     images, masks = _folders(tmp_path, ("a",))
-    for out in (images, masks):
+    for out, what in ((images, "is the image folder"), (masks, "is the mask folder")):
         assert main(["refine", str(images), str(masks), "--label", "cat", "--out", str(out)] + FAST) == 2
-        assert "read as inputs" in capsys.readouterr().err
+        assert what in capsys.readouterr().err
     assert model_loads == [] and sorted(p.name for p in images.iterdir()) == ["a.png"]
 
 

@@ -286,6 +286,7 @@ def run_eval(args) -> int:
                               num_classes=args.num_classes, class_names=class_names,
                               ignore_index=args.ignore_index, classes_from=args.classes_from,
                               limit=args.limit)
+    _refuse_overwriting_inputs(args, dataset, index, count)
     out_dir = prepare_output_dir(args.out)
     run = {"dataset": dataset.describe(), "methods": methods, "config": config.to_dict(),
            "bg_power": bg_power, "boundary_ratio": args.boundary_ratio, "models": None,
@@ -401,6 +402,21 @@ def run_eval(args) -> int:
     print(f"wrote {out_dir / 'summary.json'}, {out_dir / 'summary.csv'}, {out_dir / 'report.html'}")
     print_failures(summary["failures"])
     return 1 if summary["failures"] or failures else 0
+
+
+def _refuse_overwriting_inputs(args, dataset, index: int, count: int) -> None:
+    """--out may be none of the input folders, and none of its files may be an input (--config ...)."""
+    from ..files.output_files import refuse_overwriting_inputs
+
+    out = Path(args.out)
+    names = ["run.json", results_name(index, count), failures_name(index, count), f"done.rank{index}.json",
+             "summary.json", "summary.csv", "report.html", "grid.png", "damaged_lines.txt"]
+    folders = {"the dataset folder (DATA)": dataset.root, "the image folder (--images-dir)": dataset.image_dir,
+               "the ground-truth folder (--gt-dir)": dataset.gt_dir}
+    if dataset.coarse_dir is not None:
+        folders["the coarse-mask folder (--coarse)"] = dataset.coarse_dir
+    inputs = [p for p in (args.config, args.class_names, args.split) if p]
+    refuse_overwriting_inputs(out, [(out / n, n) for n in names], inputs, folders)
 
 
 def print_failures(failures: List[dict]) -> None:

@@ -130,15 +130,20 @@ def cmd_refine(args) -> int:
 
     from ..loading.precision import dtype_name
 
-    from ..files.output_files import atomic_write_text, prepare_output_dir
+    from ..files.output_files import atomic_write_text, prepare_output_dir, refuse_overwriting_inputs
     from ..method.softening import uniform_map_warning
 
     config = config_from_args(args)
     folder = Path(args.image).is_dir()
     pairs, failures = _pairs(Path(args.image), Path(args.mask))
-    if folder and Path(args.out).resolve() in (Path(args.image).resolve(), Path(args.mask).resolve()):
-        raise G4SegError(f"--out {args.out} is the image or mask folder: the outputs (x_overlay.png ...) would be "
-                         "read as inputs by the next run; give another folder")
+    planned = [(path, f"the {kind} of {image_path.name}") for image_path, _ in pairs
+               for kind, path in output_files(Path(args.out), image_path.stem).items()]
+    if folder:
+        planned.append((Path(args.out) / RUN_REPORT, "the run report"))
+    inputs = [p for pair in pairs for p in pair] + ([args.config] if args.config else [])
+    refuse_overwriting_inputs(args.out, planned, inputs,
+                              {"the image folder (IMAGE)": args.image, "the mask folder (MASK)": args.mask}
+                              if folder else None)
     out_dir = prepare_output_dir(args.out)
 
     # Every pair is read and checked before any model loads; a folder run goes on without bad ones.

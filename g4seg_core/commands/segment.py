@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 from .options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args, load_image
 from ..errors import G4SegError, ModelNotFoundError
@@ -133,6 +133,33 @@ def _images(path: Path) -> List[Path]:
     return [path]
 
 
+def segmentation_files(out_dir: Path, stem: str, file_names) -> Dict[str, Path]:
+    """The files one image's segmentation is written to (the label map, one probability map per class, the
+    overlay); the same names under OUT/refined/ for --refine."""
+    files = {"labels": out_dir / f"{stem}.png", "overlay": out_dir / f"{stem}_overlay.jpg"}
+    files.update({f"prob_{name}": out_dir / f"{stem}_{name}.png" for name in file_names})
+    return files
+
+
+def report_file(out_dir: Path, stem: str) -> Path:
+    return out_dir / f"{stem}_segment.json"
+
+
+def planned_outputs(out_dir: Path, images: List[Path], file_names, refine: bool) -> List[Tuple[Path, str]]:
+    """(file, what writes it) for every file this run may write (to refuse clashes before any work)."""
+    planned = []
+    for path in images:
+        for folder, what in ((out_dir, ""), (out_dir / "refined", "refined ")):
+            if folder != out_dir and not refine:
+                continue
+            for kind, file in segmentation_files(folder, path.stem, file_names).items():
+                kind = f"class {kind[5:]!r} probability" if kind.startswith("prob_") else \
+                    {"labels": "label map", "overlay": "overlay"}[kind]
+                planned.append((file, f"the {what}{kind} of {path.name}"))
+        planned.append((report_file(out_dir, path.stem), f"the report of {path.name}"))
+    return planned
+
+
 def write_segmentation(out_dir: Path, stem: str, image, result, file_names, title: str) -> dict:
     import numpy as np
 
@@ -140,10 +167,9 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     from ..files.output_files import save_image
     from ..files.visualize import label_overlay
 
-    files = {"labels": out_dir / f"{stem}.png", "overlay": out_dir / f"{stem}_overlay.jpg"}
+    files = segmentation_files(out_dir, stem, file_names)
     save_label_map_png(result["labels"], files["labels"])
     for name, prob in zip(file_names, result["probs"]):
-        files[f"prob_{name}"] = out_dir / f"{stem}_{name}.png"
         save_probability_png16(np.clip(prob, 0, 1), files[f"prob_{name}"])
     save_image(label_overlay(np.asarray(image), result["labels"], result["names"], title), files["overlay"],
                format="JPEG", quality=92)
@@ -154,7 +180,7 @@ def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from ..files.image_files import file_size_hw
-    from ..files.output_files import prepare_output_dir
+    from ..files.output_files import prepare_output_dir, refuse_overwriting_inputs
     from ..zeroshot import ZeroShotSegmenter, parse_classes
 
     # every check that needs no model first: settings, classes, image headers, the output folder
@@ -173,6 +199,10 @@ def cmd_segment(args) -> int:
                 raise
             failures.append((path, str(exc)))
             images.remove(path)
+    refuse_overwriting_inputs(args.out, planned_outputs(Path(args.out), images + [p for p, _ in failures],
+                                                        file_names, args.refine),
+                              images + [p for p, _ in failures] + ([args.config] if args.config else []),
+                              {"the image folder (IMAGE)": args.image} if folder_run else None)
     out_dir = prepare_output_dir(args.out)
     features, tower, models = load_models(args, config)
     segmenter = ZeroShotSegmenter(features, tower, config)
@@ -238,5 +268,5 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
                                                            "names": result.names}, file_names,
                                                           title or "G4Seg-refined")}
     report["seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_text(out_dir / f"{path.stem}_segment.json", json.dumps(report, indent=2))
+    atomic_write_text(report_file(out_dir, path.stem), json.dumps(report, indent=2))
     return report

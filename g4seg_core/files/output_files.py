@@ -13,7 +13,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from ..errors import G4SegError
 
@@ -103,3 +103,52 @@ def prepare_output_file(path: PathLike, flag: str) -> Path:
                          "choose a path in a folder")
     prepare_output_dir(out.parent, flag=f"{flag} {out}: folder")
     return out
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """True if two paths name one folder (symlinks, '.', '..', hard-linked mounts)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def refuse_overwriting_inputs(out_dir: PathLike, planned: List[Tuple[Path, str]], inputs: Iterable[PathLike] = (),
+                              input_folders: Optional[Dict[str, PathLike]] = None, flag: str = "--out") -> None:
+    """Refuse, before any work, a run that would write over what the user gave or over its own outputs.
+
+    planned: (file, what writes it) for every file the run may write ("the label map of x_cat.png");
+    inputs: every file the run reads; input_folders: {"the image folder IMAGE": folder} for folder inputs,
+    which an output folder may not be (the next run would read the outputs as inputs).
+    """
+    out = Path(out_dir)
+    for what, folder in (input_folders or {}).items():
+        if _same_folder(out, Path(folder)):
+            raise G4SegError(f"{flag} {out} is {what}: the outputs would replace or mix with the inputs "
+                             f"(the next run would read them as inputs); give another folder")
+    by_name: Dict[str, List[str]] = {}
+    for path, what in planned:
+        by_name.setdefault(os.path.normcase(os.path.abspath(path)), []).append(what)
+    clashes = {name: whats for name, whats in by_name.items() if len(whats) > 1}
+    if clashes:
+        name, whats = next(iter(clashes.items()))
+        more = f" (and {len(clashes) - 1} more name(s))" if len(clashes) > 1 else ""
+        raise G4SegError(f"two outputs of this run would share the file {name}: {' and '.join(whats[:2])}{more}; "
+                         "rename one of the inputs (or the class) so that every output has its own name")
+    read = {}
+    for p in inputs:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        read[(st.st_dev, st.st_ino)] = Path(p)
+    if not read:
+        return
+    for path, what in planned:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # not there yet: writing it replaces nothing
+        if (st.st_dev, st.st_ino) in read:
+            raise G4SegError(f"{flag} {out}: {what} would be written over the input {read[(st.st_dev, st.st_ino)]}; "
+                             "give another output folder")
