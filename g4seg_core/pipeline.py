@@ -8,8 +8,7 @@ so the benchmark can time the bare model passes against the end-to-end path.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,17 +19,10 @@ from .models.diffusers_patch import InjectionState, injected
 from .errors import G4SegError
 from .method.flow import ImageContext, RefineResult
 from .method.injection import InjectionSettings
-from .method.label_maps import fuse_multiclass
+from .method.multiclass import ClassRefinement, refine_classes
 from .loading.precision import default_device, resolve_dtype, vae_channels_last
 from .method.schedule import add_noise, alpha_bar_at, predict_x0
 from .method.tokens import find_token_positions
-
-
-@dataclass
-class MultiRefineResult:
-    labels: np.ndarray  # fused label map uint8 [H, W], 0 = background
-    class_indices: Dict[str, int]
-    results: Dict[str, RefineResult] = field(default_factory=dict)
 
 
 class G4SegPipeline:
@@ -191,21 +183,10 @@ class G4SegPipeline:
         """flow.refine_batch on this backend: each model runs once on the whole batch (image i: seed + i)."""
         return flow.refine_batch(self, images, masks, labels, config, contexts)
 
-    def refine_multiclass(self, image, class_masks: Mapping[str, np.ndarray],
-                          config: Optional[G4SegConfig] = None,
-                          class_indices: Optional[Mapping[str, int]] = None) -> MultiRefineResult:
-        """Refine each class against everything else (§III-A), then fuse with a background channel."""
-        config = (config or G4SegConfig()).validate()
-        if not class_masks:
-            raise G4SegError("no class masks given: pass at least one {class name: probability map}")
-        indices = dict(class_indices) if class_indices else {name: i + 1 for i, name in enumerate(class_masks)}
-        missing = [name for name in class_masks if name not in indices]
-        if missing:
-            raise G4SegError(f"no class index given for {missing}")
-        context = self.prepare_image(image, config)
-        results = {name: self.refine(image, m, name, config, context=context) for name, m in class_masks.items()}
-        fused = fuse_multiclass({indices[n]: r.prob for n, r in results.items()}, bg_power=config.bg_power)
-        return MultiRefineResult(labels=fused, class_indices=indices, results=results)
+    def refine_classes(self, image, masks: Mapping[str, np.ndarray], config: Optional[G4SegConfig] = None,
+                       class_indices: Optional[Mapping[str, int]] = None) -> ClassRefinement:
+        """Several classes of one image: multiclass.refine_classes on this backend (its rule picks the classes)."""
+        return refine_classes(self, image, masks, config, class_indices)
 
 
 def _concat_kwargs(parts: Sequence[dict]) -> dict:

@@ -14,13 +14,14 @@ import torch
 
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.method.label_maps import fuse_multiclass
+from g4seg_core.method import multiclass
 from g4seg_core.files.palettes import voc_palette
 from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes
 
 from .common import CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch
 from .comfy.zeroshot import comfy_naclip_features, query_embeddings
-from .refine_node import OPTIONAL_KNOBS, REQUIRED_KNOBS, refine
+from .comfy.backend import ComfyBackend
+from .refine_node import OPTIONAL_KNOBS, REQUIRED_KNOBS, STAGES
 
 # Widget ids in their permanent order (saved workflows store values by position; append only).
 TEXT_REQUIRED = ("background", "prob_threshold", "templates")
@@ -116,8 +117,9 @@ def _names(classes: str) -> List[str]:
 
 
 @torch.no_grad()
-def refine_classes(model, clip, vae, clip_vision, image, masks, classes: str, config: G4SegConfig):
-    """(refined masks [B*K, H, W], label maps [B, H, W] uint8): G4Seg per present class, then fused."""
+def refine_classes(model, clip, vae, clip_vision, image, masks, classes: str, config: G4SegConfig, extractor=None):
+    """(refined masks [B*K, H, W], label maps [B, H, W] uint8): g4seg_core.method.multiclass.refine_classes per
+    image (its rule picks the classes to refine; the others pass through unchanged)."""
     names = _names(classes)
     images = image_batch(image)
     masks = mask_batch(masks, "masks")
@@ -125,26 +127,29 @@ def refine_classes(model, clip, vae, clip_vision, image, masks, classes: str, co
     if masks.shape[0] != images.shape[0] * k:
         raise G4SegError(f"{masks.shape[0]} masks for {images.shape[0]} image(s) and {k} classes ({classes!r}): "
                          "connect G4SegTextToMask's masks and classes outputs (one mask per class per image)")
-    refined, labels = masks.clone(), []
+    backend = ComfyBackend(model, clip, vae, clip_vision, extractor)
+    bar = Progress(images.shape[0] * STAGES)
+
+    def progress(stage: str) -> None:
+        check_interrupt()
+        bar.update(1)
+
+    refined, labels = [], []
     for b in range(images.shape[0]):
-        own = masks[b * k:(b + 1) * k]
-        # classes that reach the threshold somewhere are refined; the others stay as they are
-        present = [i for i in range(k) if float(own[i].max()) >= config.threshold]
-        if present:
-            prob, _, _ = refine(model, clip, vae, clip_vision, images[b:b + 1], own[present],
-                                [names[i] for i in present], config)
-            for j, i in enumerate(present):
-                refined[b * k + i] = prob[j].to(refined.device)
-        fused = fuse_multiclass({i + 1: refined[b * k + i].cpu().numpy() for i in range(k)}, bg_power=config.bg_power)
-        labels.append(torch.from_numpy(fused))
-    return refined.to(intermediate_device()), torch.stack(labels)
+        own = {name: masks[b * k + i] for i, name in enumerate(names)}
+        result = multiclass.refine_classes(backend, images[b], own, config, progress=progress)
+        refined.extend(torch.from_numpy(p) for p in result.probs.values())
+        labels.append(torch.from_numpy(result.labels))
+    return torch.stack(refined).to(intermediate_device()), torch.stack(labels)
 
 
 class G4SegRefineClasses:
-    DESCRIPTION = ("G4Seg for several classes of one image: each class whose coarse mask reaches the threshold is "
-                   "refined with its own name in the prompt (one model pass per stage for all of them), then the "
-                   "classes are fused into a label map (background = (1 - max class probability)^bg_power). "
-                   "Connect G4SegTextToMask's masks and classes.")
+    DESCRIPTION = ("G4Seg for several classes of one image, the same as `g4seg segment --refine`: each class whose "
+                   "coarse mask, cut at the threshold, has both foreground and background is refined with its own "
+                   "name in the prompt (the image is encoded once and the generated images decoded in one batch; "
+                   "the UNet still runs once per class), the others pass through; then all classes are fused into "
+                   "a label map (background = (1 - max class probability)^bg_power). Connect G4SegTextToMask's "
+                   "masks and classes.")
     CATEGORY = CATEGORY
     FUNCTION = "refine"
     RETURN_TYPES = ("MASK", "IMAGE")

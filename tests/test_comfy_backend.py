@@ -135,3 +135,57 @@ def test_prompts_reach_comfyui_with_parentheses_escaped(stand_ins):
     tokenized = set(clip.texts.values())
     assert {"a photo of a tv \\(monitor\\)", "tv \\(monitor\\)", "blurry \\(low quality\\)"} <= tokenized
     assert not any("(" in t.replace("\\(", "") for t in tokenized)
+
+
+def test_refine_classes_gives_one_label_map_in_cli_eval_and_node(stand_ins, tmp_path, monkeypatch):
+    """multiclass.refine_classes through `g4seg segment --refine`, eval's g4seg refiner and G4SegRefineClasses:
+    the same image, class maps and config give the same label map (the one rule picks cat and dog, not cow)."""
+    import dataclasses
+    import types
+
+    from PIL import Image
+
+    from g4seg_core.commands.main import main
+    from g4seg_core.evaluation import runner
+    from g4seg_core.evaluation.baselines import make_refiner
+    from g4seg_core.files.mask_files import load_label_map
+    from g4seg_core.zeroshot import ZeroShotSegmenter
+    from nodes import text_to_mask_node
+
+    pipe, clip, vae, calls = stand_ins
+    image, cat = _inputs(48, 64, seed=3)
+    dog = np.zeros_like(cat)
+    dog[25:46, 30:62] = 0.9
+    cow = np.full_like(cat, 0.3)  # never reaches the threshold: passes through, still fused
+    names, maps = ["cat", "dog", "cow"], np.stack([cat, dog, cow])
+    config = G4SegConfig(size=64, correspondence_grid=0, dtype="float32")
+
+    # the command line: the segmenter's per-class maps replaced by ours, the rest is the command's own code
+    real_segment = ZeroShotSegmenter.segment
+    monkeypatch.setattr(ZeroShotSegmenter, "segment",
+                        lambda self, *a, **k: dataclasses.replace(real_segment(self, *a, **k), probs=maps.copy()))
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    assert main(["segment", str(tmp_path / "photo.png"), "--classes", ", ".join(names), "--out", str(tmp_path / "out"),
+                 "--refine", "--selfcheck", "--size", "64", "--grid", "0", "--dtype", "float32", "--templates",
+                 "single", "--short-side", "64", "--window", "64", "--stride", "32", "--background", "none"]) == 0
+    cli = load_label_map(tmp_path / "out" / "refined" / "photo.png")
+
+    # eval: the runner's per-image step with the g4seg refiner
+    sample = types.SimpleNamespace(id="photo", image=image, gt=np.zeros(cat.shape, np.int64), image_path="",
+                                   gt_path="", coarse={1: cat, 2: dog, 3: cow}, labels={1: "cat", 2: "dog", 3: "cow"})
+    refiners = {"g4seg": make_refiner("g4seg", pipeline=pipe, config=config)}
+    before = runner.score(np.zeros(cat.shape, np.uint8), sample.gt, 4, 255)
+    (_, _, evaluated), = runner.evaluate_image(sample, refiners, 4, 255, config.bg_power, 0.02, before)
+
+    # the node, on ComfyUI-convention stand-ins around the same tiny models
+    refined, labels = text_to_mask_node.refine_classes(
+        "model", clip, vae, None, torch.from_numpy(image)[None].float() / 255, torch.from_numpy(maps),
+        ", ".join(names), config, extractor=pipe.clip)
+
+    core = pipe.refine_classes(image, dict(zip(names, maps)), config)
+    assert list(core.results) == ["cat", "dog"] and {1, 2} <= set(np.unique(core.labels).tolist())
+    assert calls == [1, 1]  # the node: cat and dog refined (one sampling call per prompt), cow not
+    np.testing.assert_array_equal(cli, core.labels)
+    np.testing.assert_array_equal(evaluated, core.labels)
+    np.testing.assert_array_equal(labels[0].numpy(), core.labels)
+    np.testing.assert_allclose(refined.numpy(), np.stack(list(core.probs.values())), atol=1e-4)

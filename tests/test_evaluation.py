@@ -258,23 +258,20 @@ def _has_crf():
 
 
 def test_g4seg_method_code_path_with_a_stub_pipeline(voc, tmp_path, monkeypatch):
-    """The g4seg / g4seg+X wiring (config passed through, .prob used), without models."""
+    """The g4seg / g4seg+X wiring (config passed through, .probs used), without models."""
     import g4seg_core.commands.options as cli_options
     from g4seg_core.evaluation.metrics import grey_dilate_disk
 
     seen = []
 
     class Result:
-        def __init__(self, prob):
-            self.prob = prob
+        def __init__(self, probs):
+            self.probs = probs
 
     class StubPipeline:
-        def prepare_image(self, image, config):
-            return None
-
-        def refine(self, image, mask, label, config=None, context=None):
-            seen.append((image.shape, mask.shape, label, config.beta))
-            return Result(grey_dilate_disk(mask, 1))
+        def refine_classes(self, image, masks, config=None):
+            seen.extend((image.shape, mask.shape, label, config.beta) for label, mask in masks.items())
+            return Result({label: grey_dilate_disk(mask, 1) for label, mask in masks.items()})
 
     monkeypatch.setattr(cli_options, "build_pipeline", lambda args, config: (StubPipeline(), "stub"))
     out = tmp_path / "stub"
@@ -307,53 +304,50 @@ def test_baseline_refiners():
     noisy = gt.astype(np.float32)
     noisy[5, 5] = 1.0                                    # a speck
     noisy[32, 32] = 0.0                                  # a hole
-    assert np.array_equal(make_refiner("none")(img, noisy, "x"), noisy)
-    morph = make_refiner("morphology")(img, noisy, "x")
-    assert morph[5, 5] == 0.0 and morph[32, 32] == 1.0
+    assert np.array_equal(make_refiner("none")(img, {"x": noisy})["x"], noisy)
+    morph = make_refiner("morphology")(img, {"x": noisy, "y": 1 - noisy})
+    assert morph["x"][5, 5] == 0.0 and morph["x"][32, 32] == 1.0
+    assert morph["y"][5, 5] == 1.0 and morph["y"][32, 32] == 0.0  # each class on its own
     blurred = np.clip(noisy + 0.35 * (np.roll(gt, 3, 1) ^ gt), 0, 1).astype(np.float32)
-    guided = make_refiner("guided")(img, blurred, "x")
+    guided = make_refiner("guided")(img, {"x": blurred})["x"]
     assert guided.dtype == np.float32 and iou(guided, gt) > iou(blurred, gt) - 1e-9
     chain = make_refiner("morphology+none")
-    assert np.array_equal(chain(img, noisy, "x"), morph)
+    assert np.array_equal(chain(img, {"x": noisy})["x"], morph["x"])
     with pytest.raises(G4SegError, match="g4seg\\+densecrf"):
         make_refiner("foo")
     with pytest.raises(G4SegError, match="--checkpoint"):
         make_refiner("g4seg")
 
 
-def test_g4seg_refiner_shares_image_work_and_passes_empty_maps():
+def test_g4seg_refiner_is_refine_classes_run_once_per_image():
+    from g4seg_core.config import G4SegConfig
     from g4seg_core.evaluation.baselines import make_refiner
+    from g4seg_core.method.multiclass import refine_classes
+    from g4seg_core.pipeline import G4SegPipeline
 
-    calls = {"prepare": 0, "refine": 0}
-
-    class R:
-        def __init__(self, prob):
-            self.prob = prob
-
-    class Pipe:
-        def prepare_image(self, image, config):
-            calls["prepare"] += 1
-            return "ctx"
-
-        def refine(self, image, mask, label, config=None, context=None):
-            assert context == "ctx"
-            calls["refine"] += 1
-            return R(mask * 0.5)
-
+    pipe = G4SegPipeline.tiny()
+    calls = []
+    pipe.encode = (lambda encode: lambda pixels: calls.append("encode") or encode(pixels))(pipe.encode)
+    config = G4SegConfig(size=64, correspondence_grid=0)
     shared = {}
-    a = make_refiner("g4seg", pipeline=Pipe(), shared=shared)
-    b = make_refiner("g4seg+none", pipeline=Pipe(), shared=shared)
-    img = np.zeros((8, 8, 3), np.uint8)
-    m = np.zeros((8, 8), np.float32)
-    m[2:5, 2:5] = 1
-    np.testing.assert_allclose(a(img, m, "cat"), m * 0.5)
-    np.testing.assert_allclose(b(img, m, "cat"), m * 0.5)   # cached: same image, class, map
-    a(img, m.T.copy(), "dog")
-    assert calls == {"prepare": 1, "refine": 2}
-    assert np.array_equal(a(img, np.zeros((8, 8), np.float32), "cat"), np.zeros((8, 8)))
-    assert calls["refine"] == 2                             # empty map: nothing to refine
-    a(img.copy(), m, "cat")                                  # a new image: new context
-    assert calls == {"prepare": 2, "refine": 3}
+    a = make_refiner("g4seg", pipeline=pipe, config=config, shared=shared)
+    b = make_refiner("g4seg+none", pipeline=pipe, config=config, shared=shared)
+    img = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    cat, dog, absent = (np.zeros((40, 48), np.float32) for _ in range(3))
+    cat[5:25, 4:30] = 1
+    dog[20:38, 20:44] = 1
+    probs = {"cat": cat, "dog": dog, "cow": absent}
+    got = a(img, probs)
+    want = refine_classes(G4SegPipeline.tiny(), img, probs, config).probs
+    assert list(got) == ["cat", "dog", "cow"] and np.array_equal(got["cow"], absent)  # nothing to refine
+    for name in probs:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert not np.array_equal(got["cat"], cat)
+    assert calls.count("encode") == 1
+    b(img, probs)                                            # cached: same image and class maps
+    assert calls.count("encode") == 1
+    a(img.copy(), probs)                                     # a new image: refined again
+    assert calls.count("encode") == 2
 
 
 # ----------------------------------------------------------------------------- bad input (issue 12)

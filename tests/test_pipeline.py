@@ -70,11 +70,14 @@ def test_multiclass(pipe):
     image, mask = _inputs()
     other = np.zeros_like(mask)
     other[50:70, 30:56] = 0.8
-    out = pipe.refine_multiclass(image, {"cat": mask, "dog": other}, CONFIG, class_indices={"cat": 8, "dog": 12})
+    faint = np.full_like(mask, 0.3)  # never reaches the threshold: not refined, still fused
+    out = pipe.refine_classes(image, {"cat": mask, "dog": other, "cow": faint}, CONFIG,
+                              class_indices={"cat": 8, "dog": 12, "cow": 10})
     assert out.labels.shape == mask.shape
-    assert set(np.unique(out.labels)) <= {0, 8, 12}
+    assert set(np.unique(out.labels)) <= {0, 8, 10, 12}
     assert (out.labels == 8).any() and (out.labels == 12).any()
-    assert set(out.results) == {"cat", "dog"}
+    assert list(out.results) == ["cat", "dog"] and list(out.probs) == ["cat", "dog", "cow"]
+    assert np.array_equal(out.probs["cow"], faint) and out.probs["cat"] is out.results["cat"].prob
 
 
 def test_soft_input_is_not_softened(pipe):

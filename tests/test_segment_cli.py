@@ -53,14 +53,15 @@ def test_segment_refine_and_errors(tmp_path):
     _image(folder / "a.png")
     _image(folder / "b.jpg", 40, 40, seed=1)
     out = tmp_path / "out"
+    # random weights: dog's map lies in about 0.7..1.0 everywhere, so only a threshold of 0.9 cuts a boundary in it
     assert main(["segment", str(folder), "--classes", "cat, dog", "--out", str(out), "--refine", "--size", "64",
-                 "--prob-threshold", "0", "--background", "none", *FAST]) == 0
+                 "--prob-threshold", "0", "--background", "none", "--threshold", "0.9", *FAST]) == 0
     for stem in ("a", "b"):
         report = json.loads((out / f"{stem}_segment.json").read_text())
         assert "selfcheck" in report["refine_models"]
         refined = load_label_map(out / "refined" / f"{stem}.png")
         assert refined.shape == load_label_map(out / f"{stem}.png").shape
-        assert report["refine"]["refined_classes"]  # threshold 0: some class is present
+        assert report["refine"]["refined_classes"]  # multiclass.refine_classes' rule: a boundary at the threshold
     (folder / "broken.png").write_bytes(b"not a picture")  # a folder run goes on past it, then exits 1
     assert main(["segment", str(folder), "--classes", "cat", "--out", str(tmp_path / "o2"), *FAST]) == 1
     assert (tmp_path / "o2" / "a.png").is_file() and (tmp_path / "o2" / "b.png").is_file()

@@ -252,17 +252,10 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
     if random:
         report["note"] = "random weights: these masks are meaningless (installation check only)"
     if pipe is not None:
-        present = [k for k in range(1, len(classes.classes) + 1) if (result.labels == k).any()]
-        masks = {classes.classes[k - 1]: result.probs[k - 1] for k in present}
-        refined_probs = np.zeros_like(result.probs)
-        labels = np.zeros_like(result.labels)
-        if masks:
-            multi = pipe.refine_multiclass(image, masks, g4seg_config,
-                                           class_indices={classes.classes[k - 1]: k for k in present})
-            labels = multi.labels
-            for name, res in multi.results.items():
-                refined_probs[classes.classes.index(name)] = res.prob
-        report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(masks),
+        # every class goes in; multiclass.refine_classes' one rule picks those it refines
+        multi = pipe.refine_classes(image, dict(zip(classes.classes, result.probs)), g4seg_config)
+        labels, refined_probs = multi.labels, np.stack(list(multi.probs.values()))
+        report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(multi.results),
                             "outputs": write_segmentation(out_dir / "refined", path.stem, image,
                                                           {"labels": labels, "probs": refined_probs,
                                                            "names": result.names}, file_names,

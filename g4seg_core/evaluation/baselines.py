@@ -1,16 +1,19 @@
 """Mask refiners under one interface, for comparisons (paper Table XI) and ``g4seg eval``.
 
-``Refiner = Callable[[image, prob, label], prob]``: ``image`` uint8 ``[H, W, 3]`` RGB,
-``prob`` float32 ``[H, W]`` foreground probability of one class, ``label`` the class
-name; returns the refined float32 ``[H, W]`` probability. Multi-class maps are refined
-one class at a time against everything else and fused afterwards (label_maps.fuse_multiclass).
+``Refiner = Callable[[image, {class name: prob}], {class name: prob}]``: ``image`` uint8
+``[H, W, 3]`` RGB, each ``prob`` float32 ``[H, W]``, the foreground probability of one class of
+that image; returns every class's refined float32 ``[H, W]`` probability. The classic filters
+work one class at a time against everything else; ``g4seg`` is
+``multiclass.refine_classes`` (its rule picks the classes to refine, as in ``g4seg segment
+--refine`` and G4SegRefineClasses). The evaluation fuses the maps afterwards
+(label_maps.fuse_multiclass).
 
 Names understood by ``make_refiner``:
 - ``none``        identity (the coarse input; the "before" numbers)
 - ``densecrf``    fully-connected CRF (pydensecrf2 extra), 2 labels per class
 - ``morphology``  grey-level opening then closing with a disk (removes specks, fills holes)
 - ``guided``      He et al. guided filter with the colour image as guide (box filters)
-- ``g4seg``       ``G4SegPipeline.refine(image, prob, label, config).prob``
+- ``g4seg``       ``pipeline.refine_classes(image, probs, config).probs`` (multiclass.refine_classes)
 - any ``a+b``     chain, e.g. ``g4seg+densecrf`` (the paper's best combination)
 """
 
@@ -24,11 +27,11 @@ import numpy as np
 from ..errors import G4SegError
 from .metrics import grey_dilate_disk, grey_erode_disk
 
-__all__ = ["Refiner", "make_refiner", "compose", "identity_refiner",
+__all__ = ["Refiner", "make_refiner", "compose", "per_class", "identity_refiner",
            "densecrf_refiner", "morphology_refiner", "guided_refiner", "g4seg_refiner",
            "guided_filter", "box_filter", "BASE_REFINERS", "needs_pipeline", "needs_crf"]
 
-Refiner = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
+Refiner = Callable[[np.ndarray, Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
 
 BASE_REFINERS = ("none", "densecrf", "morphology", "guided", "g4seg")
 
@@ -40,36 +43,37 @@ def _prob(prob) -> np.ndarray:
     return p
 
 
-def identity_refiner() -> Refiner:
-    def refine(image, prob, label):
-        return _prob(prob).copy()
-    refine.__name__ = "none"
+def per_class(refine_one: Callable[[np.ndarray, np.ndarray], np.ndarray], name: str) -> Refiner:
+    """A Refiner that applies ``refine_one(image, prob)`` to each class map on its own."""
+    def refine(image, probs):
+        return {label: refine_one(image, _prob(p)) for label, p in probs.items()}
+    refine.__name__ = name
     return refine
+
+
+def identity_refiner() -> Refiner:
+    return per_class(lambda image, p: p.copy(), "none")
 
 
 def densecrf_refiner(confidence="auto", **crf_kwargs) -> Refiner:
     """DenseCRF per class. ``confidence='auto'``: 0.8 for hard 0/1 inputs, none for soft."""
     from .densecrf import dense_crf
 
-    def refine(image, prob, label):
-        p = _prob(prob)
+    def refine(image, p):
         conf = confidence
         if conf == "auto":
             conf = 0.8 if np.all((p == 0) | (p == 1)) else None
         return dense_crf(image, p, confidence=conf, **crf_kwargs)
-    refine.__name__ = "densecrf"
-    return refine
+    return per_class(refine, "densecrf")
 
 
 def morphology_refiner(radius: Optional[int] = None, radius_ratio: float = 0.005) -> Refiner:
     """Opening then closing (grey level, disk). radius None: ratio x image diagonal, >= 1."""
-    def refine(image, prob, label):
-        p = _prob(prob)
+    def refine(image, p):
         r = radius if radius is not None else max(1, int(round(radius_ratio * math.hypot(*p.shape))))
         opened = grey_dilate_disk(grey_erode_disk(p, r), r)
         return grey_erode_disk(grey_dilate_disk(opened, r), r)
-    refine.__name__ = "morphology"
-    return refine
+    return per_class(refine, "morphology")
 
 
 def box_filter(x: np.ndarray, r: int) -> np.ndarray:
@@ -132,59 +136,46 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
 def guided_refiner(radius: Optional[int] = None, radius_ratio: float = 0.015,
                    eps: float = 1e-2) -> Refiner:
     """Guided filter of the probability map, guide = image; radius None: ratio x diagonal."""
-    def refine(image, prob, label):
-        p = _prob(prob)
+    def refine(image, p):
         img = np.asarray(image)
         if img.shape[:2] != p.shape:
             raise G4SegError(f"image {img.shape[:2]} and mask {p.shape} differ in size")
         r = radius if radius is not None else max(1, int(round(radius_ratio * math.hypot(*p.shape))))
         guide = img.astype(np.float64) / (255.0 if img.dtype == np.uint8 else 1.0)
         return np.clip(guided_filter(guide, p, r, eps), 0.0, 1.0).astype(np.float32)
-    refine.__name__ = "guided"
-    return refine
+    return per_class(refine, "guided")
 
 
 def g4seg_refiner(pipeline, config=None) -> Refiner:
-    """G4Seg itself: ``pipeline.refine(image, prob, label, config).prob``.
+    """G4Seg itself: ``pipeline.refine_classes(image, probs, config).probs`` (multiclass.refine_classes).
 
-    Consecutive calls with the same image object share the image's VAE latent and CLIP
-    features (``context=``), and a repeated (image, label, prob) returns the cached
-    result, so ``g4seg`` and ``g4seg+densecrf`` in one evaluation run G4Seg once per class.
-    An empty or full map has no boundary to refine and is returned unchanged.
+    A repeated (image, class maps) returns the cached result, so ``g4seg`` and ``g4seg+densecrf``
+    in one evaluation run G4Seg once per image.
     """
     if pipeline is None:
         raise G4SegError("the g4seg refiner needs a G4SegPipeline: give --checkpoint (or --selfcheck for a smoke test)")
     import zlib
 
-    from ..config import G4SegConfig
+    state = {"image": None, "results": {}}
 
-    state = {"image": None, "context": None, "results": {}}
-
-    def refine(image, prob, label):
-        p = _prob(prob)
-        if p.size == 0 or float(p.max()) <= 0.0 or float(p.min()) >= 1.0:
-            return p.copy()
-        if state["image"] is not image:  # a new image: drop the per-image caches
-            state.update(image=image, context=None, results={})
-        key = (label, p.shape, zlib.crc32(np.ascontiguousarray(p).tobytes()))
-        if key in state["results"]:
-            return state["results"][key].copy()
-        if state["context"] is None:
-            state["context"] = pipeline.prepare_image(image, config or G4SegConfig())
-        result = pipeline.refine(image, p, label, config, context=state["context"])
-        out = np.asarray(result.prob, dtype=np.float32)
-        state["results"][key] = out
-        return out.copy()
+    def refine(image, probs):
+        probs = {label: _prob(p) for label, p in probs.items()}
+        if state["image"] is not image:  # a new image: drop the cache
+            state.update(image=image, results={})
+        key = tuple((label, p.shape, zlib.crc32(np.ascontiguousarray(p).tobytes())) for label, p in probs.items())
+        if key not in state["results"]:
+            state["results"][key] = pipeline.refine_classes(image, probs, config).probs
+        return {label: p.copy() for label, p in state["results"][key].items()}
     refine.__name__ = "g4seg"
     return refine
 
 
 def compose(*refiners: Refiner) -> Refiner:
     """Apply refiners left to right."""
-    def refine(image, prob, label):
-        out = _prob(prob)
+    def refine(image, probs):
+        out = dict(probs)
         for r in refiners:
-            out = _prob(r(image, out, label))
+            out = r(image, out)
         return out
     refine.__name__ = "+".join(getattr(r, "__name__", "?") for r in refiners)
     return refine

@@ -81,10 +81,15 @@ def evaluate_image(sample, refiners: Mapping[str, Callable], num_classes: int, i
     hw = sample.gt.shape
     for name, refiner in refiners.items():
         t0 = time.perf_counter()
+        classes = sorted(sample.coarse)
+        names = [sample.labels[c] for c in classes]
+        if len(set(names)) != len(names):
+            raise G4SegError(f"{sample.id}: two classes share a name ({', '.join(names)}): give every class its own "
+                             "name (--class-names)")
+        out = refiner(sample.image, {n: sample.coarse[c] for n, c in zip(names, classes)})
         refined = {}
-        for c, prob in sorted(sample.coarse.items()):
-            refined[c] = np.clip(np.asarray(refiner(sample.image, prob, sample.labels[c]),
-                                            dtype=np.float32), 0.0, 1.0)
+        for c, n in zip(classes, names):
+            refined[c] = np.clip(np.asarray(out[n], dtype=np.float32), 0.0, 1.0)
             if refined[c].shape != hw:
                 raise G4SegError(f"refiner {name} returned {refined[c].shape}, expected {hw}")
         label = fuse(refined, hw, bg_power)
