@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import g4seg_core.commands.main as cli
+import g4seg_core.commands.refine as cli
+import g4seg_core.commands.selfcheck as selfcheck_command
 from g4seg_core.commands.main import main
 from g4seg_core.files.mask_files import save_label_map_png
 
@@ -119,7 +120,7 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     def failing(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x.png"))
 
-    monkeypatch.setattr(cli, "cmd_selfcheck", failing)
+    monkeypatch.setattr(selfcheck_command, "cmd_selfcheck", failing)
     assert main(["selfcheck"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"g4seg: error: {tmp_path / 'x.png'}: Permission denied"

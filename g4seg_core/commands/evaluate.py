@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..errors import G4SegError
+from .folder_run import FolderRun
 from ..files.output_files import atomic_write_text, os_error_message, prepare_output_dir
 from ..evaluation.runner import (
     JsonlWriter,
@@ -327,17 +328,10 @@ def run_eval(args) -> int:
         print(f"shard {index}/{count}: {len(my_ids)} image(s)", file=sys.stderr)
 
     # Cheap checks (file headers, sizes) of every image still to do, before any model loads;
-    # a bad image is listed at the end and the run goes on without it.
-    failures: dict = {}  # id -> one-line error
-    for sid in todo:
-        try:
-            dataset.check(sid)
-        except G4SegError as exc:
-            failures[sid] = str(exc)
-    if failures:
-        print(f"{len(failures)} of {len(todo)} image(s) fail the file checks and are skipped (listed at the end)",
-              file=sys.stderr)
-    todo = [sid for sid in todo if sid not in failures]
+    # a bad image is listed at the end and the run goes on without it (the one folder-run helper).
+    run_items = FolderRun("eval", folder=True, rerun_hint="rerun the same command to evaluate just those")
+    todo = run_items.check(todo, str, dataset.check)
+    failures = run_items.failed  # id -> one-line error
 
     refiners: dict = {}
     if todo:
@@ -364,17 +358,8 @@ def run_eval(args) -> int:
         bar = tqdm(total=len(my_ids), initial=len(my_ids) - len(todo), unit="img",
                    desc=f"eval[{index}/{count}]" if count > 1 else "eval", disable=args.no_progress,
                    dynamic_ncols=True)
-        for sid in todo:
-            try:
-                _evaluate_one(sid, dataset, methods, refiners, done, bg_power, args, out_dir, writer, save)
-            except G4SegError as exc:
-                failures[sid] = str(exc)
-            except OSError as exc:
-                failures[sid] = os_error_message(exc)
-            if sid in failures:
-                bar.write(f"{sid}: failed, going on: {failures[sid]}", file=sys.stderr)
-            bar.update(1)
-        bar.close()
+        run_items.each(todo, str, lambda sid: _evaluate_one(sid, dataset, methods, refiners, done, bg_power, args,
+                                                            out_dir, writer, save), progress=bar)
     finally:
         writer.close()
         _write_json(out_dir / failures_name(index, count),

@@ -5,6 +5,7 @@ Writes per image (STEM = the image's file name without extension):
     DIR/STEM_<class>.png     per-class probability (16-bit PNG, 0..65535 = 0..1)
     DIR/STEM_overlay.jpg     the image tinted with the label map, with a legend
     DIR/STEM_segment.json    every parameter, the model files, class fractions, timings
+    DIR/g4seg_segment_run.json   (a folder) which images were done, skipped and failed (why)
 and with --refine (G4Seg per class present in the label map, then multi-class fusion):
     DIR/refined/STEM.png, DIR/refined/STEM_<class>.png, DIR/refined/STEM_overlay.jpg
 
@@ -25,7 +26,8 @@ from typing import Dict, List, Tuple
 
 from .options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args, load_image
 from ..errors import G4SegError, ModelNotFoundError
-from ..files.image_files import IMAGE_EXTS, files_by_stem
+from ..files.image_files import files_by_stem
+from .folder_run import FOLDER_IMAGE_EXTS, FolderRun
 
 
 
@@ -38,13 +40,16 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--classes", required=True,
                    help="class names, e.g. 'cat, sofa|couch, person' (',' or new lines between classes, '|' between "
                         "synonyms of one class); 'voc' = the 20 PASCAL VOC classes in VOC order")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (not the image folder)")
     p.add_argument("--text", help="CLIP text tower with its projection: an SD2.x/SDXL single-file checkpoint, a full "
                                   "open_clip CLIP file ('ViT-B-16:/path/open_clip_pytorch_model.bin') or an SDXL "
                                   "diffusers folder (default: --clip when it holds a text tower, else the SD checkpoint)")
     p.add_argument("--refine", action="store_true",
                    help="refine each class present with G4Seg (needs the SD checkpoint) and fuse the classes")
     p.add_argument("--convert-rgb", action="store_true", help="convert grayscale/RGBA/palette images to RGB")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip images whose outputs an earlier run with the same classes, parameters and models "
+                        "completed (rerun a folder after fixing its failures, or after Ctrl-C)")
     add_model_arguments(p)
     g = p.add_argument_group("segmenter (defaults: the NACLIP recipe)")
     d = ZeroShotConfig()
@@ -124,9 +129,9 @@ def class_file_names(names) -> List[str]:
 
 def _images(path: Path) -> List[Path]:
     if path.is_dir():
-        found = sorted(files_by_stem(path, IMAGE_EXTS, "image").values())
+        found = sorted(files_by_stem(path, FOLDER_IMAGE_EXTS, "image", "STEM.png, STEM_segment.json").values())
         if not found:
-            raise G4SegError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
+            raise G4SegError(f"no images ({', '.join(FOLDER_IMAGE_EXTS)}) in {path}")
         return found
     if not path.exists():
         raise G4SegError(f"{path} does not exist")
@@ -176,68 +181,92 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     return {k: str(v) for k, v in files.items()}
 
 
-def cmd_segment(args) -> int:
-    from tqdm import tqdm
+RUN_REPORT = "g4seg_segment_run.json"  # a folder run's list of done, skipped and failed images
 
-    from ..files.image_files import file_size_hw
+
+def refused_without_refine(args) -> List[str]:
+    """The flags given that only --refine uses (G4Seg parameters, --config, --family): said, not ignored."""
+    from ..config import KNOBS
+
+    given = [k.cli_flag for k in KNOBS if k.cli_flag and k.name not in ("device", "dtype")
+             and getattr(args, k.name, None) is not None]
+    return given + [flag for flag, dest in (("--config", "config"), ("--family", "family"))
+                    if getattr(args, dest, None) is not None]
+
+
+def rerun_key(path: Path, segmenter_parameters: dict, classes, g4seg_config) -> dict:
+    """What makes an earlier result of this image the same result (--skip-existing)."""
+    return {"image": str(path), "parameters": segmenter_parameters, "synonyms": [list(s) for s in classes.synonyms],
+            "background": list(classes.background),
+            "refine": g4seg_config.to_dict() if g4seg_config is not None else None}
+
+
+def finished_before(out_dir: Path, path: Path, key: dict) -> bool:
+    try:
+        report = json.loads(report_file(out_dir, path.stem).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(report, dict) and report.get("rerun_key") == key
+            and isinstance(report.get("outputs"), dict)
+            and all(Path(p).is_file() for p in report["outputs"].values())
+            and all(Path(p).is_file() for p in ((report.get("refine") or {}).get("outputs") or {}).values()))
+
+
+def cmd_segment(args) -> int:
     from ..files.output_files import prepare_output_dir, refuse_overwriting_inputs
     from ..zeroshot import ZeroShotSegmenter, parse_classes
 
-    # every check that needs no model first: settings, classes, image headers, the output folder
+    # every check that needs no model first: settings, classes, every image decoded, the output folder
+    if not args.refine:
+        unused = refused_without_refine(args)
+        if unused:
+            raise G4SegError(f"{', '.join(unused)} set(s) G4Seg refinement, which runs only with --refine: add "
+                             "--refine, or drop them")
     config = segmenter_config(args)
     classes = parse_classes(args.classes, config.background)
     file_names = class_file_names(classes.classes)
     images = _images(Path(args.image))
     folder_run = Path(args.image).is_dir()
     g4seg_config = config_from_args(args) if args.refine else None
-    failures = []
-    for path in list(images):
-        try:
-            file_size_hw(path)
-        except G4SegError as exc:
-            if not folder_run:
-                raise
-            failures.append((path, str(exc)))
-            images.remove(path)
-    refuse_overwriting_inputs(args.out, planned_outputs(Path(args.out), images + [p for p, _ in failures],
-                                                        file_names, args.refine),
-                              images + [p for p, _ in failures] + ([args.config] if args.config else []),
+    refuse_overwriting_inputs(args.out, planned_outputs(Path(args.out), images, file_names, args.refine)
+                              + ([(Path(args.out) / RUN_REPORT, "the run report")] if folder_run else []),
+                              images + ([args.config] if args.config else []),
                               {"the image folder (IMAGE)": args.image} if folder_run else None)
     out_dir = prepare_output_dir(args.out)
-    features, tower, models = load_models(args, config)
-    segmenter = ZeroShotSegmenter(features, tower, config)
-    pipe = None
-    if args.refine:
-        from .options import build_pipeline
+    keys = {path: rerun_key(path, config.to_dict(), classes, g4seg_config) for path in images}
 
-        pipe, refine_models = build_pipeline(args, g4seg_config)
-        models["refine_models"] = refine_models
-    random = models["random_weights"] or models.get("refine_models", "").startswith("selfcheck")
-    title = "RANDOM WEIGHTS: not a real result" if random else ""
-    if classes.dropped_background:
-        print(f"note: {', '.join(classes.dropped_background)} listed as class(es), so not used as background",
-              file=sys.stderr)
-    for path in tqdm(images, desc="g4seg segment", unit="image"):
-        try:
+    run = FolderRun("segment", folder_run)
+    todo = run.check(images, lambda path: path.name, lambda path: load_image(path, args.convert_rgb, quiet=True),
+                     finished=(lambda path: finished_before(out_dir, path, keys[path])) if args.skip_existing
+                     else None,
+                     has_outputs=lambda path: report_file(out_dir, path.stem).exists())
+    if todo:
+        features, tower, models = load_models(args, config)
+        segmenter = ZeroShotSegmenter(features, tower, config)
+        pipe = None
+        if args.refine:
+            from .options import build_pipeline
+
+            pipe, refine_models = build_pipeline(args, g4seg_config)
+            models["refine_models"] = refine_models
+        random = models["random_weights"] or models.get("refine_models", "").startswith("selfcheck")
+        title = "RANDOM WEIGHTS: not a real result" if random else ""
+        if classes.dropped_background:
+            print(f"note: {', '.join(classes.dropped_background)} listed as class(es), so not used as background",
+                  file=sys.stderr)
+
+        def work(path):
             report = _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe,
-                                  g4seg_config, random)
-        except G4SegError as exc:  # one bad image does not stop a folder run
-            if not folder_run:
-                raise
-            failures.append((path, str(exc)))
-            tqdm.write(f"{path.name}: FAILED: {exc}")
-            continue
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in report["label_fractions"].items() if v > 0)
-        tqdm.write(f"{path.name}: {shares} -> {out_dir}/{path.stem}*")
-    if failures:
-        print(f"g4seg segment: {len(failures)} of {len(failures) + len(images)} image(s) failed:", file=sys.stderr)
-        for path, why in failures:
-            print(f"  {path}: {why}", file=sys.stderr)
-        return 1
-    return 0
+                                  g4seg_config, random, keys[path])
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in report["label_fractions"].items() if v > 0)
+            return f"{path.name}: {shares} -> {out_dir}/{path.stem}*"
+
+        run.each(todo, lambda path: path.name, work)
+    return run.finish(out_dir / RUN_REPORT if folder_run else None)
 
 
-def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe, g4seg_config, random):
+def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe, g4seg_config, random,
+                 key):
     import numpy as np
 
     from ..files.output_files import atomic_write_text
@@ -248,12 +277,15 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
     outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
                                                              "names": result.names}, file_names, title)
     report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
-              "outputs": outputs}
+              "outputs": outputs, "rerun_key": key}
     if random:
         report["note"] = "random weights: these masks are meaningless (installation check only)"
     if pipe is not None:
         # every class goes in; multiclass.refine_classes' one rule picks those it refines
-        multi = pipe.refine_classes(image, dict(zip(classes.classes, result.probs)), g4seg_config)
+        try:
+            multi = pipe.refine_classes(image, dict(zip(classes.classes, result.probs)), g4seg_config)
+        except G4SegError as exc:  # name the classes: the flow's message speaks of "the mask"
+            raise G4SegError(f"--refine of {', '.join(classes.classes)}: {exc}") from None
         labels, refined_probs = multi.labels, np.stack(list(multi.probs.values()))
         report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(multi.results),
                             "outputs": write_segmentation(out_dir / "refined", path.stem, image,

@@ -195,9 +195,10 @@ def read_rgb(path: PathLike, what: str = "image") -> RGBPicture:
     return picture_from_image(open_image(path, what), f"{what} {path!r}")
 
 
-def files_by_stem(folder: Path, exts, what: str) -> Dict[str, Path]:
+def files_by_stem(folder: Path, exts, what: str, output_example: str) -> Dict[str, Path]:
     """{stem: file} of the `exts` files in a folder (dotfiles skipped); two files with one stem are an
-    error: the outputs are named by stem and would overwrite each other."""
+    error: the outputs are named by stem (`output_example`, e.g. STEM_refined_mask.png) and would
+    overwrite each other."""
     found: Dict[str, List[Path]] = {}
     try:
         entries = sorted(folder.iterdir())
@@ -210,5 +211,5 @@ def files_by_stem(folder: Path, exts, what: str) -> Dict[str, Path]:
     if clashes:
         shown = "; ".join(" and ".join(p.name for p in ps) for ps in list(clashes.values())[:5])
         raise G4SegError(f"{len(clashes)} name(s) in {what} folder {folder} are used by several files ({shown}): "
-                         f"outputs are named by stem (stem_refined_mask.png ...); rename or move one of each")
+                         f"the outputs are named by stem ({output_example} ...); rename or move one of each")
     return {stem: ps[0] for stem, ps in found.items()}
