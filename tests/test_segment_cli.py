@@ -132,3 +132,52 @@ def test_segment_with_weight_files(tmp_path, capsys):
     assert main(["segment", str(img), "--classes", "cat", "--out", str(out), "--text", str(sd1),
                  "--clip", str(vision_path)]) == 2
     assert "clip_vision_h" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("refined", [False, True])
+def test_segment_then_eval_scores_classes_by_name(tmp_path, refined):
+    """`segment --classes cat` labels the cat 1; eval maps it to VOC's cat (8) by the names the PNG records,
+    never to VOC's class 1 (aeroplane)."""
+    from g4seg_core.files.mask_files import label_map_names
+
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass"):
+        (root / d).mkdir(parents=True)
+    _image(root / "JPEGImages" / "a.jpg")
+    out = tmp_path / "coarse"
+    extra = ["--refine", "--size", "64", "--grid", "0"] if refined else []
+    assert main(["segment", str(root / "JPEGImages"), "--classes", "cat", "--out", str(out), "--prob-threshold",
+                 "0.5", *FAST, *extra]) == 0
+    coarse = out / "refined" if refined else out
+    labels = load_label_map(coarse / "a.png")
+    assert label_map_names(coarse / "a.png") == ["background", "cat"]
+    if not (labels == 1).any() or (labels == 1).all():  # random weights: make the map hold both on purpose
+        from g4seg_core.files.mask_files import save_label_map_png
+
+        labels = np.zeros_like(labels)
+        labels[10:30, 10:50] = 1
+        save_label_map_png(labels, coarse / "a.png", label_names=["background", "cat"])
+    # the ground truth: the segmenter's cat region is VOC's cat (8)
+    Image.fromarray(np.where(labels == 1, 8, 0).astype(np.uint8)).save(root / "SegmentationClass" / "a.png")
+    runs = tmp_path / "runs"
+    assert main(["eval", str(root), "--coarse", str(coarse), "--methods", "none", "--out", str(runs),
+                 "--no-progress"]) == 0
+    per_class = json.loads((runs / "summary.json").read_text())["methods"]["none"]["after"]["per_class_iou"]
+    assert per_class["cat"] == pytest.approx(100.0) and per_class["aeroplane"] is None
+
+
+def test_eval_refuses_a_named_class_the_dataset_lacks(tmp_path, capsys):
+    from g4seg_core.files.mask_files import save_label_map_png
+
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass", "coarse"):
+        (root / d).mkdir(parents=True)
+    _image(root / "JPEGImages" / "a.jpg")
+    Image.fromarray(np.zeros((48, 72), np.uint8)).save(root / "SegmentationClass" / "a.png")
+    labels = np.zeros((48, 72), np.uint8)
+    labels[5:20, 5:20] = 1
+    save_label_map_png(labels, root / "coarse" / "a.png", label_names=["background", "grass"])
+    assert main(["eval", str(root), "--coarse", str(root / "coarse"), "--methods", "none", "--out",
+                 str(tmp_path / "runs"), "--no-progress"]) == 2  # nothing left to score
+    err = capsys.readouterr().err
+    assert "1 = 'grass'" in err and "--class-names" in err

@@ -1,7 +1,8 @@
 """`g4seg segment IMAGE --classes "cat, sofa, person" --out DIR [--refine]`: words -> coarse masks.
 
 Writes per image (STEM = the image's file name without extension):
-    DIR/STEM.png             label map (VOC-palette PNG: 0 background, 1.. the classes in the given order)
+    DIR/STEM.png             label map (VOC-palette PNG: 0 background, 1.. the classes in the given order;
+                             the PNG records the class names, which `g4seg eval --coarse` maps by name)
     DIR/STEM_<class>.png     per-class probability (16-bit PNG, 0..65535 = 0..1)
     DIR/STEM_overlay.jpg     the image tinted with the label map, with a legend
     DIR/STEM_segment.json    every parameter, the model files, class fractions, timings
@@ -173,7 +174,7 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     from ..files.visualize import label_overlay
 
     files = segmentation_files(out_dir, stem, file_names)
-    save_label_map_png(result["labels"], files["labels"])
+    save_label_map_png(result["labels"], files["labels"], label_names=("background",) + tuple(result["names"]))
     for name, prob in zip(file_names, result["probs"]):
         save_probability_png16(np.clip(prob, 0, 1), files[f"prob_{name}"])
     save_image(label_overlay(np.asarray(image), result["labels"], result["names"], title), files["overlay"],

@@ -274,6 +274,32 @@ class VOCStyleDataset:
             raise G4SegError(f"no coarse mask for {sid} in {self.coarse_dir}")
         for path in coarse:
             file_size_hw(path)  # coarse maps may be smaller (CAMs): they are resized, only opened here
+        if sid in self._coarse_maps:
+            self.coarse_label_lookup(self._coarse_maps[sid])
+
+    def coarse_label_lookup(self, path: Path) -> Optional[np.ndarray]:
+        """For a label map that names its labels (g4seg segment writes the names into the PNG): a table label ->
+        dataset class index, found by name, so `segment --classes cat` scores its label 1 as cat. None for a map
+        without names (its values are the dataset's indices)."""
+        from ..files.mask_files import label_map_names
+
+        names = label_map_names(path)
+        if names is None:
+            return None
+        lookup = np.full(256, -1, np.int64)
+        lookup[0] = 0
+        unknown = []
+        for k, name in enumerate(names[1:256], start=1):
+            c = self.class_index(name)
+            if c is None:
+                unknown.append(f"{k} = {name!r}")
+            else:
+                lookup[k] = c
+        if unknown:
+            raise G4SegError(f"coarse label map {path} labels {', '.join(unknown[:5])}, which the dataset's classes do "
+                             f"not include ({', '.join(self.class_names[1:6])}, ...): segment with the dataset's "
+                             "class names (--classes voc for VOC) or give --class-names that include them")
+        return lookup
 
     # -- loading
     def load(self, sid: str) -> LoadedSample:
@@ -295,7 +321,14 @@ class VOCStyleDataset:
                 coarse[c] = make_coarse(gt == c, self.protocol, derive_seed(self.seed, sid, c),
                                         valid=gt != self.ignore_index)
         elif sid in self._coarse_maps:
-            lab = resize_labels(load_labels(self._coarse_maps[sid]).astype(np.int64), hw)
+            path = self._coarse_maps[sid]
+            lab = resize_labels(load_labels(path).astype(np.int64), hw)
+            lookup = self.coarse_label_lookup(path)
+            if lookup is not None:  # the map names its labels: its indices -> the dataset's, by name
+                unnamed = sorted(int(v) for v in np.unique(lab) if v != self.ignore_index and lookup[v] < 0)
+                if unnamed:
+                    raise G4SegError(f"coarse label map {path} holds label(s) {unnamed} beyond the names it records")
+                lab = np.where(lab == self.ignore_index, lab, lookup[lab])
             for c in sorted(int(v) for v in np.unique(lab)):
                 if 0 < c < self.num_classes:
                     coarse[c] = (lab == c).astype(np.float32)

@@ -7,6 +7,7 @@ A label map is uint8 [H, W] holding class indices, 255 = ignore.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Union
 
@@ -167,8 +168,16 @@ def _check_labels(arr: np.ndarray, path: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def save_label_map_png(labels, path: PathLike) -> str:
-    """Save a uint8 [H, W] label map as a palette PNG with the VOC colours."""
+# PNG text chunk naming what each index of a label map means: a JSON list, entry k = the name of label k
+# (0 = background). It travels with the file, so a reader (g4seg eval --coarse) maps indices by name.
+LABEL_NAMES_KEY = "g4seg:label_names"
+
+
+def save_label_map_png(labels, path: PathLike, label_names=None) -> str:
+    """Save a uint8 [H, W] label map as a palette PNG with the VOC colours; `label_names` (name of label 0, 1,
+    ...) is stored in the file (LABEL_NAMES_KEY)."""
+    from PIL.PngImagePlugin import PngInfo
+
     from .palettes import voc_palette
 
     arr = as_numpy(labels)
@@ -179,5 +188,28 @@ def save_label_map_png(labels, path: PathLike) -> str:
     arr = _check_labels(arr, "labels")
     img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
     img.putpalette(voc_palette().reshape(-1).tolist())
-    save_image(img, path)
+    info = None
+    if label_names is not None:
+        info = PngInfo()
+        info.add_text(LABEL_NAMES_KEY, json.dumps([str(n) for n in label_names]))
+    save_image(img, path, pnginfo=info)
     return os.fspath(path)
+
+
+def label_map_names(path: PathLike):
+    """The names a label map PNG records for its indices (save_label_map_png's label_names), or None. Reads
+    the header only."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".png"):
+        return None
+    with _open_image(path) as img:
+        text = getattr(img, "text", {}).get(LABEL_NAMES_KEY)
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise G4SegError(f"label map {path!r} records damaged label names ({LABEL_NAMES_KEY}: {text[:80]!r})")
+    return names
