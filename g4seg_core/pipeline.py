@@ -18,7 +18,7 @@ from .config import G4SegConfig
 from .models.diffusers_patch import InjectionState, injected
 from .errors import G4SegError
 from .method.flow import ImageContext, RefineResult
-from .method.injection import InjectionSettings
+from .method.injection import InjectionBatch
 from .method.multiclass import ClassRefinement, refine_classes
 from .loading.precision import default_device, resolve_dtype, vae_channels_last
 from .method.schedule import add_noise, alpha_bar_at, predict_x0
@@ -124,16 +124,18 @@ class G4SegPipeline:
 
     @torch.no_grad()
     def denoise(self, z0: torch.Tensor, noise: torch.Tensor, embeddings: Sequence,
-                settings: Sequence[Optional[InjectionSettings]], config: G4SegConfig, negative=None) -> torch.Tensor:
+                injection: Optional[InjectionBatch], config: G4SegConfig, negative=None) -> torch.Tensor:
         """Noise z0 [B, ...] to t with `noise`, one (mask-injected) UNet call, x0 prediction (Eq. 1-2).
 
-        One prompt embedding and one InjectionSettings (None: no injection) per image.
+        One prompt embedding per image (different class names share the call); `injection` holds a
+        mask and class tokens per image (None or mode off: no injection).
         """
         comps = self.components
         unet = comps.unet
         batch = z0.shape[0]
-        if len(embeddings) != batch or len(settings) != batch:
-            raise G4SegError(f"{batch} latents but {len(embeddings)} prompts and {len(settings)} masks")
+        if len(embeddings) != batch or (injection is not None and len(injection) != batch):
+            raise G4SegError(f"{batch} latents but {len(embeddings)} prompts and "
+                             f"{len(injection) if injection is not None else 0} masks")
         t = config.timestep
         alpha_bar = alpha_bar_at(comps.alphas_cumprod, t)
         z_t = add_noise(z0.float(), noise.to(z0.device), alpha_bar)
@@ -148,19 +150,13 @@ class G4SegPipeline:
             hidden = torch.cat([negative.hidden_states.to(hidden).expand(batch, -1, -1), hidden])
             kwargs = _concat_kwargs([comps.unet_kwargs(negative, height, width)] * batch + [kwargs])
             latents = torch.cat([z_t, z_t])
-            # uncond rows first, by construction
-            apply_to = torch.tensor([False] * batch + [True] * batch, device=self.device)
-        timestep = torch.tensor([t] * latents.shape[0], device=self.device)
+            apply_to = [False] * batch + [True] * batch  # uncond rows first, by construction
+        timestep = torch.full((latents.shape[0],), t, device=self.device)
         call = lambda: unet(latents.to(unet.dtype), timestep, encoder_hidden_states=hidden, **kwargs).sample
-        active = [s for s in settings if s is not None and s.mode != "off"]
-        if not active:
+        if injection is None or not injection.active:
             out = call()
         else:
-            if len(active) != batch:
-                raise G4SegError("a batch mixes injected and plain images: refine them in separate batches")
-            per_image = settings[0] if batch == 1 else list(settings)
-            state = InjectionState(per_image, tuple(z0.shape[-2:]), float(t), apply_to)
-            with injected(unet, state):
+            with injected(unet, InjectionState(injection, tuple(z0.shape[-2:]), float(t), apply_to)):
                 out = call()
         out = out.float()
         if config.cfg_scale != 1.0:

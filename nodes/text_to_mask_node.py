@@ -146,8 +146,8 @@ def refine_classes(model, clip, vae, clip_vision, image, masks, classes: str, co
 class G4SegRefineClasses:
     DESCRIPTION = ("G4Seg for several classes of one image, the same as `g4seg segment --refine`: each class whose "
                    "coarse mask, cut at the threshold, has both foreground and background is refined with its own "
-                   "name in the prompt (the image is encoded once and the generated images decoded in one batch; "
-                   "the UNet still runs once per class), the others pass through; then all classes are fused into "
+                   "name in the prompt (the image is encoded once; one UNet call and one decode for all the classes), "
+                   "the others pass through; then all classes are fused into "
                    "a label map (background = (1 - max class probability)^bg_power). Connect G4SegTextToMask's "
                    "masks and classes.")
     CATEGORY = CATEGORY

@@ -55,16 +55,16 @@ def stand_ins(monkeypatch, pipe):
     calls = []
 
     def sample_one_step(model, positive, negative, samples, noise, timestep, cfg, seed, noise_mask=None):
-        _, settings = model if isinstance(model, tuple) else (model, None)
+        _, injection = model if isinstance(model, tuple) else (model, None)
         calls.append(samples.shape[0])
         config = G4SegConfig(timestep=timestep, cfg_scale=cfg, seed=seed)
         rows = samples.shape[0]
-        x0 = pipe.denoise(samples * scale, noise, [positive[0][0]] * rows, settings or [None] * rows, config,
+        x0 = pipe.denoise(samples * scale, noise, [positive[0][0]] * rows, injection, config,
                           None if negative is None else negative[0][0])
         return x0 / scale
 
     monkeypatch.setattr(attention_patch, "model_family", lambda model: "sd21")
-    monkeypatch.setattr(attention_patch, "inject", lambda model, settings: ((model, list(settings)), "sd21", 0))
+    monkeypatch.setattr(attention_patch, "inject", lambda model, injection: ((model, injection), "sd21", 0))
     monkeypatch.setattr(comfy_backend, "sample_one_step", sample_one_step)
     return pipe, StandInCLIP(pipe), StandInVAE(pipe), calls
 

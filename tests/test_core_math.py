@@ -114,17 +114,10 @@ def test_grid_for_tokens_and_mask_to_tokens():
     assert injection.mask_to_tokens(mask, 2, 2).tolist() == [1, 0, 0, 0]
 
 
-def test_bias_entries():
-    m = torch.tensor([1.0, 0.0, 1.0])
-    cross = injection.cross_attention_bias(m, [2, 3], 5, 0.7)
-    self_ = injection.self_attention_bias(m, 0.3)
-    for i in range(3):
-        for j in range(5):
-            assert cross[i, j] == pytest.approx(0.7 if (m[i] == 1 and j in (2, 3)) else 0.0)
-        for j in range(3):
-            assert self_[i, j] == pytest.approx(0.3 if m[i] == 1 and m[j] == 1 else 0.0)
+def test_class_indicator():
+    assert injection.class_indicator([2, 3], 5).tolist() == [0, 0, 1, 1, 0]
     with pytest.raises(G4SegError, match="outside"):
-        injection.cross_attention_bias(m, [9], 5, 1.0)
+        injection.class_indicator([9], 5)
 
 
 def _qkv(b=2, nq=16, nk=16, heads=2, d=4, seed=0):
@@ -208,7 +201,7 @@ def test_row_extremes_equal_scaling_every_logit_first(dtype, monkeypatch):
     rows = torch.tensor([True, False, False, True, True, False, False, False, False, True])
     want = logits.amax(-1) - logits.amin(-1)
     for select_rows in (True, False):  # True: the CPU path (foreground rows only); False: the GPU path
-        span = injection._foreground_span(qh, kh, 0.35, rows, select_rows=select_rows)
+        span = injection._foreground_span(qh, kh, 0.35, rows[None], select_rows=select_rows)
         assert torch.allclose(span[:, :, rows], want[:, :, rows], atol=2 * tol)
         assert not span[:, :, ~rows].any()  # background rows are never modulated: 0
 
@@ -220,7 +213,7 @@ def test_float16_logits_beyond_its_range_stay_finite_on_background_rows():
     kh[..., 0, :] *= -1
     rows = torch.tensor([True, False, True, False])
     for select_rows in (True, False):
-        span = injection._foreground_span(qh, kh, 0.125, rows, select_rows=select_rows)
+        span = injection._foreground_span(qh, kh, 0.125, rows[None], select_rows=select_rows)
         assert torch.isfinite(span).all() and not span[:, :, ~rows].any()
 
 

@@ -126,8 +126,8 @@ def test_schedule_t5_reads_sigma():
     assert abs(t - 400) < 0.05
     s = _settings(schedule="t5")
     patch = ap.G4SegAttentionPatch("cross", [s], log_sigmas=log_sigmas)
-    w = patch._weight(s, _opts(sigma=1.16439))
-    assert abs(w - 4.0 * 0.4 ** 5) < 1e-4
+    t = patch._timestep(_opts(sigma=1.16439))
+    assert abs(s.weights_at(t)[0] - 4.0 * 0.4 ** 5) < 1e-4
 
 
 def test_per_image_masks_in_batch():
@@ -232,7 +232,7 @@ def test_inject_wraps_other_packs_and_replaces_itself():
     # injecting again replaces our layer but keeps the other pack underneath
     again, _, _ = ap.inject(patched, [_settings(cross=1.0)])
     p2b = again.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
-    assert isinstance(p2b.inner, _Inner) and p2b.settings[0].cross_weight == 1.0
+    assert isinstance(p2b.inner, _Inner) and p2b.injection.cross_weights[0] == 1.0
 
 
 def test_label_positions_from_comfy_tokens():

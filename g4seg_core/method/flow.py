@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..config import G4SegConfig
 from ..errors import G4SegError
-from .injection import InjectionSettings
+from .injection import InjectionBatch
 from .masks import check_same_framing, resize_probability, validate_probability
 from .mixing import correspondence_for, mix_foreground
 from .softening import prepare_coarse
@@ -50,11 +50,12 @@ class Backend(Protocol):
         injected (a template with two '{}' injects both)."""
 
     def denoise(self, latents: torch.Tensor, noise: torch.Tensor, prompts: Sequence[Any],
-                settings: Sequence[Optional[InjectionSettings]], config: G4SegConfig,
+                injection: Optional[InjectionBatch], config: G4SegConfig,
                 negative: Any = None) -> torch.Tensor:
         """Noise latents to config.timestep with `noise` (float32, CPU, latents' shape), one model
-        call with the masks injected (one prompt and InjectionSettings per row; CFG with `negative`
-        when config.cfg_scale != 1), return the x0 prediction in the same latent space."""
+        call for the whole batch with the masks injected (one prompt per row, class names may differ;
+        `injection`: a mask and class tokens per row, None for none; CFG with `negative` when
+        config.cfg_scale != 1), return the x0 prediction in the same latent space."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
@@ -241,11 +242,11 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
     negative = backend.prompt(config.negative_prompt, None)[0] if config.cfg_scale != 1.0 else None
 
     with _stage(backend, timings, "unet", progress):
-        settings = [None if config.emi_mode == "off" else InjectionSettings.from_config(
-            torch.from_numpy(np.ascontiguousarray(resize_probability(prob, work_hw, mode="bilinear"))), pos, config)
-            for prob, pos in zip(probs, positions)]
+        injection = None if config.emi_mode == "off" else InjectionBatch.from_config(
+            torch.stack([torch.from_numpy(resize_probability(prob, work_hw, mode="bilinear")) for prob in probs]),
+            positions, config)
         latents = torch.cat([c.latent for c in contexts])
-        x0 = backend.denoise(latents, batch_noise(latents, config.seed), handles, settings, config, negative)
+        x0 = backend.denoise(latents, batch_noise(latents, config.seed), handles, injection, config, negative)
     with _stage(backend, timings, "vae_decode", progress):
         generated = resize_image(backend.decode(x0).float(), work_hw)  # VAEs may crop to a multiple of 8
     with _stage(backend, timings, "clip_generated", progress):

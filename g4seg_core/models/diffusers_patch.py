@@ -8,42 +8,39 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import G4SegError
-from ..method.injection import InjectionSettings, grid_for_tokens
+from ..method.injection import InjectionBatch, InjectionSettings, grid_for_tokens
 
 
 @dataclass
 class InjectionState:
     """What changes per UNet call; shared by every processor of the UNet."""
 
-    # One InjectionSettings for every batch row, or one per image of a batch: row r then uses
-    # settings[r % len(settings)] (under CFG the rows are [uncond images..., cond images...]).
-    settings: Union[InjectionSettings, Sequence[InjectionSettings]]
+    injection: InjectionBatch  # one mask, class tokens and knobs per image
     latent_hw: Tuple[int, int]
     timestep: float
-    apply_to: Optional[torch.Tensor] = None  # bool [B]: rows to modulate (cond rows under CFG)
+    # Rows to modulate, host bools [B] (the cond rows under CFG, whose rows are [uncond images..., cond
+    # images...]); None: every row. Row r is image r % len(injection).
+    apply_to: Optional[Sequence[bool]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.injection, InjectionSettings):
+            self.injection = InjectionBatch.from_settings([self.injection])
+        if isinstance(self.apply_to, torch.Tensor):
+            self.apply_to = self.apply_to.tolist()  # once, at construction: the layers read host values
 
     def attention(self, q, k, v, heads: int, kind: str) -> torch.Tensor:
-        if isinstance(self.settings, InjectionSettings):
-            return self._rows_attention(self.settings, q, k, v, heads, kind, self.apply_to)
-        per_image = list(self.settings)
-        if q.shape[0] % len(per_image):
-            raise G4SegError(f"{q.shape[0]} attention rows do not split over {len(per_image)} images")
-        # Each image has its own mask and class tokens: attention row by row (the projections,
-        # convolutions and feed-forward layers around it stay batched).
-        return torch.cat([self._rows_attention(per_image[r % len(per_image)], q[r:r + 1], k[r:r + 1], v[r:r + 1],
-                                               heads, kind, None if self.apply_to is None else self.apply_to[r:r + 1])
-                          for r in range(q.shape[0])])
-
-    def _rows_attention(self, settings: InjectionSettings, q, k, v, heads, kind, apply_to):
-        gh, gw = grid_for_tokens(q.shape[1], *self.latent_hw)
-        return settings.attention(q, k, v, heads, kind=kind, timestep=self.timestep,
-                                  mask_tokens=settings.tokens_for_grid(gh, gw, device=q.device),
-                                  apply_to=apply_to, area=settings.area_for_grid(gh, gw))
+        rows, images = q.shape[0], len(self.injection)
+        if rows % images:
+            raise G4SegError(f"{rows} attention rows do not split over {images} images")
+        active = tuple(bool(a) for a in self.apply_to) if self.apply_to is not None else (True,) * rows
+        return self.injection.attention(q, k, v, heads, kind=kind, grid=grid_for_tokens(q.shape[1], *self.latent_hw),
+                                        image_of_row=tuple(r % images for r in range(rows)), active=active,
+                                        timestep=self.timestep)
 
 
 class G4SegAttnProcessor:

@@ -27,12 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from g4seg_core.errors import G4SegError
-from g4seg_core.method.injection import (
-    InjectionSettings,
-    grid_for_tokens,
-    injected_attention,
-    plain_attention,
-)
+from g4seg_core.method.injection import InjectionBatch, grid_for_tokens, plain_attention
 
 SUPPORTED_FAMILIES = "SD1.x, SD2.x (eps and v) and SDXL UNet checkpoints (including LCM/Turbo/Lightning variants of these)"
 _SUPPORTED_LATENTS = ("SD15", "SDXL", "SDXL_Playground_2_5")
@@ -123,20 +118,29 @@ def comfy_attention(q, k, v, heads: int, extra_options: Optional[dict] = None) -
 # --------------------------------------------------------------------------- the patch
 
 class G4SegAttentionPatch:
-    """Replace patch for one transformer block's attn1 ("self") or attn2 ("cross")."""
+    """Replace patch for one transformer block's attn1 ("self") or attn2 ("cross").
 
-    def __init__(self, kind: str, settings: Sequence[InjectionSettings],
-                 log_sigmas: Optional[torch.Tensor] = None, inner=None, block=None):
+    `injection`: an InjectionBatch (one mask and class tokens per image, shared by every patch of the
+    model so its per-grid inputs are built once per call) or a list of InjectionSettings. Attention row r
+    belongs to image (r mod rows per chunk) mod len(injection); conditional rows are modulated. All rows
+    go through one batched attention call, whatever masks and class names they have.
+    """
+
+    def __init__(self, kind: str, injection, log_sigmas: Optional[torch.Tensor] = None, inner=None, block=None,
+                 clock: Optional["SigmaClock"] = None):
         if kind not in ("self", "cross"):
             raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
-        if not settings:
-            raise G4SegError("G4Seg attention patch needs at least one mask")
+        if not isinstance(injection, InjectionBatch):
+            if not injection:
+                raise G4SegError("G4Seg attention patch needs at least one mask")
+            injection = InjectionBatch.from_settings(injection)
         self.kind = kind
-        self.settings = list(settings)
+        self.injection = injection
         self.log_sigmas = log_sigmas
         self.inner = inner
         self.block = block
-        self._groups = {}  # (cond/uncond order, batch, device) -> row groups
+        self.clock = clock if clock is not None else SigmaClock(log_sigmas)
+        self._rows = {}  # (cond/uncond order, batch) -> (image of each row, cond flags), host tuples
 
     # ModelPatcher.model_patches_to() calls .to(device) on replace patches.
     def to(self, device):
@@ -144,83 +148,66 @@ class G4SegAttentionPatch:
             self.inner = self.inner.to(device)
         return self
 
-    def _weight(self, settings: InjectionSettings, extra_options: dict) -> float:
-        timestep = 0.0
-        if settings.schedule != "constant":
-            sigma = _sigma_of(extra_options)
-            if sigma is None:
-                raise G4SegError("schedule 't5' needs the sampler's sigma (extra_options['sigmas'])")
-            timestep = timestep_from_sigma(sigma, self.log_sigmas)
-        cross_w, self_w = settings.weights_at(timestep)
-        return cross_w if self.kind == "cross" else self_w
+    def _timestep(self, extra_options: dict) -> float:
+        """The DDPM timestep of this call, read once per call (only the 't5' schedule needs it)."""
+        if all(s == "constant" for s in self.injection.schedules):
+            return 0.0
+        return self.clock.timestep(extra_options.get("sigmas"))
 
     def _base(self, q, k, v, extra_options):
         if self.inner is not None:
             return self.inner(q, k, v, extra_options)
         return comfy_attention(q, k, v, int(extra_options["n_heads"]), extra_options)
 
-    def _row_groups(self, extra_options: dict, batch: int, device) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
-        """[(mask j, its conditional row indices on `device`, the same on the CPU)], worked out on the CPU
-        from the cond/uncond order (no device syncs) and cached: it is the same for every layer."""
+    def _row_layout(self, extra_options: dict, batch: int) -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
+        """(image of each attention row, conditional flags), worked out on the host from the cond/uncond order
+        and cached: it is the same for every layer."""
         order = tuple(int(c) for c in (extra_options.get("cond_or_uncond") or ()))
-        key = (order, batch, str(device))
-        if key not in self._groups:
-            cond = cond_rows(extra_options, batch, device="cpu")
-            img = image_index(extra_options, batch)
-            n = len(self.settings)
-            groups = []
-            for j in range(n):
-                rows = torch.nonzero(cond if n == 1 else cond & (img % n == j)).flatten()
-                if rows.numel():
-                    groups.append((j, rows.to(device), rows))
-            self._groups[key] = groups
-        return self._groups[key]
+        key = (order, batch)
+        if key not in self._rows:
+            images = len(self.injection)
+            image = tuple(int(i) % images for i in image_index(extra_options, batch).tolist())
+            cond = tuple(bool(c) for c in cond_rows(extra_options, batch).tolist())
+            self._rows[key] = (image, cond)
+        return self._rows[key]
 
     def __call__(self, q, k, v, extra_options):
         heads = int(extra_options["n_heads"])
-        batch, num_q = q.shape[0], q.shape[1]
-        active = []  # (rows, settings, weight, rows on the CPU)
-        for j, rows, rows_cpu in self._row_groups(extra_options, batch, q.device):
-            settings = self.settings[j]
-            weight = 0.0 if settings.mode == "off" else self._weight(settings, extra_options)
-            if weight != 0:
-                active.append((rows, settings, weight, rows_cpu))
-        if not active:
+        image, cond = self._row_layout(extra_options, q.shape[0])
+        if not self.injection.active or not any(cond):
             return self._base(q, k, v, extra_options)
-
-        gh, gw = token_grid(extra_options, num_q)
-
-        def emi(rows, settings, weight, qs, ks, vs):
-            return injected_attention(qs, ks, vs, heads, kind=self.kind,
-                                      mask_tokens=settings.tokens_for_grid(gh, gw, device=q.device),
-                                      token_positions=settings.token_positions, mode=settings.mode,
-                                      weight=weight, area_scale=settings.area_scale,
-                                      area=settings.area_for_grid(gh, gw))
-
-        if self.inner is None and len(active) == 1 and active[0][3].numel() == batch:  # one mask, all rows cond
-            return emi(*active[0][:3], q, k, v).to(q.dtype)
+        grid = token_grid(extra_options, q.shape[1])
+        emi = self.injection.attention(q, k, v, heads, kind=self.kind, grid=grid, image_of_row=image, active=cond,
+                                       timestep=self._timestep(extra_options))
         if self.inner is None:
-            out = q.new_empty(batch, num_q, v.shape[-1])
-            covered = torch.zeros(batch, dtype=torch.bool)
-            for *_, rows_cpu in active:
-                covered[rows_cpu] = True
-            rest = torch.nonzero(~covered).flatten().to(q.device)
-            if rest.numel():
-                plain = comfy_attention(q.index_select(0, rest), k.index_select(0, rest), v.index_select(0, rest),
-                                        heads, extra_options)
-                out.index_copy_(0, rest, plain.to(out.dtype))
-        else:
-            out = self._base(q, k, v, extra_options).clone()
-        for rows, settings, weight, _ in active:
-            qs, ks, vs = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
-            delta = emi(rows, settings, weight, qs, ks, vs)
-            if self.inner is not None:  # first-order composition with the other pack's attention
-                delta = out.index_select(0, rows) + (delta - plain_attention(qs, ks, vs, heads))
-            out.index_copy_(0, rows, delta.to(out.dtype))
-        return out
+            return emi.to(q.dtype)
+        # First-order composition with the other pack's attention, on the conditional rows only.
+        base = self._base(q, k, v, extra_options)
+        change = emi - plain_attention(q, k, v, heads)
+        rows = torch.tensor(cond, device=q.device)[:, None, None]
+        return torch.where(rows, base + change.to(base.dtype), base)
 
     def __repr__(self) -> str:
-        return f"G4SegAttentionPatch({self.kind}, block={self.block}, masks={len(self.settings)}, inner={type(self.inner).__name__ if self.inner is not None else None})"
+        return f"G4SegAttentionPatch({self.kind}, block={self.block}, masks={len(self.injection)}, inner={type(self.inner).__name__ if self.inner is not None else None})"
+
+
+class SigmaClock:
+    """The sampler's sigma -> the model's timestep, read on the host once per sampling call (not per layer):
+    the patches of one model share a clock, and the sigmas tensor is the same object for every layer."""
+
+    def __init__(self, log_sigmas: Optional[torch.Tensor]):
+        self.log_sigmas = log_sigmas
+        self._last = (None, 0.0)
+
+    def timestep(self, sigmas) -> float:
+        if sigmas is None:
+            raise G4SegError("schedule 't5' needs the sampler's sigma (extra_options['sigmas'])")
+        if self._last[0] is not sigmas:
+            sigma = _sigma_of({"sigmas": sigmas})
+            if sigma is None:
+                raise G4SegError("schedule 't5' needs the sampler's sigma (extra_options['sigmas'])")
+            self._last = (sigmas, timestep_from_sigma(sigma, self.log_sigmas))
+        return self._last[1]
 
 
 # --------------------------------------------------------------------------- model inspection
@@ -291,10 +278,12 @@ def existing_replace(model_options: dict, attn: str, key: Tuple[str, int, int]):
     return table.get(key[:2])
 
 
-def inject(model, settings: Sequence[InjectionSettings]):
+def inject(model, injection):
     """A clone of the ComfyUI MODEL with EMI replace patches on every attn1/attn2.
 
-    Existing replace patches of other packs are wrapped (kept as `inner`), ours replaced.
+    `injection`: an InjectionBatch or a list of InjectionSettings (one per image). Existing replace
+    patches of other packs are wrapped (kept as `inner`), ours replaced. Every patch shares one
+    InjectionBatch and one SigmaClock, so what a layer needs is built once per call.
     Returns (patched_model, family, number_of_blocks).
     """
     family = model_family(model)
@@ -302,14 +291,19 @@ def inject(model, settings: Sequence[InjectionSettings]):
     keys = attention_blocks(unet)
     if not keys:
         raise G4SegError(f"found no transformer blocks in this UNet; supported: {SUPPORTED_FAMILIES}")
+    if not isinstance(injection, InjectionBatch):
+        if not injection:
+            raise G4SegError("G4Seg attention patch needs at least one mask")
+        injection = InjectionBatch.from_settings(injection)
     log_sigmas = model_log_sigmas(model)
+    clock = SigmaClock(log_sigmas)
     patched = model.clone()
     for kind, attn in ATTENTION_NAMES:
         for key in keys:
             inner = existing_replace(patched.model_options, attn, key)
             if isinstance(inner, G4SegAttentionPatch):
                 inner = inner.inner
-            patch = G4SegAttentionPatch(kind, settings, log_sigmas=log_sigmas, inner=inner, block=key)
+            patch = G4SegAttentionPatch(kind, injection, log_sigmas=log_sigmas, inner=inner, block=key, clock=clock)
             patched.set_model_patch_replace(patch, attn, key[0], key[1], key[2])
     return patched, family, len(keys)
 
@@ -347,7 +341,7 @@ def label_positions_from_tokens(prompt_tokens: Dict[str, list], label_tokens: Di
 
 
 __all__ = [
-    "G4SegAttentionPatch", "SUPPORTED_FAMILIES", "attention_blocks", "comfy_attention", "cond_rows",
+    "G4SegAttentionPatch", "SUPPORTED_FAMILIES", "SigmaClock", "attention_blocks", "comfy_attention", "cond_rows",
     "existing_replace", "image_index", "inject", "label_positions_from_tokens", "model_family",
     "timestep_from_sigma", "token_grid",
 ]

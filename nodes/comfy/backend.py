@@ -20,7 +20,7 @@ import torch
 from g4seg_core.models.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, interpolate_position_grid
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.method.injection import InjectionSettings, plain_attention
+from g4seg_core.method.injection import InjectionBatch, plain_attention
 from g4seg_core.loading.precision import compute_dtype_for_storage
 
 from . import attention_patch
@@ -203,15 +203,67 @@ class ComfyBackend:
         return encode_tokens(self.clip, tokens), positions
 
     def denoise(self, latents: torch.Tensor, noise: torch.Tensor, prompts: Sequence,
-                settings: Sequence[Optional[InjectionSettings]], config: G4SegConfig, negative=None) -> torch.Tensor:
-        # One CONDITIONING serves a whole sampling call: rows with different prompts are sampled apart.
-        groups = [list(range(len(prompts)))] if all(p is prompts[0] for p in prompts) else \
-            [[i] for i in range(len(prompts))]
-        out = []
-        for rows in groups:
+                injection: Optional[InjectionBatch], config: G4SegConfig, negative=None) -> torch.Tensor:
+        """One sampling call for the whole batch: rows with different prompts (class names) go in as the rows
+        of one batched CONDITIONING (batched_conditioning); only prompts that cannot be stacked are sampled
+        apart."""
+        out = torch.empty_like(latents)
+        for rows, positive in batched_conditioning(prompts):
             model = self.model
-            if settings[rows[0]] is not None:
-                model, _, _ = attention_patch.inject(self.model, [settings[i] for i in rows])
-            out.append(sample_one_step(model, prompts[rows[0]], negative, latents[rows], noise[rows],
-                                       config.timestep, config.cfg_scale, config.seed))
-        return torch.cat(out)
+            if injection is not None and injection.active:
+                part = injection if len(rows) == len(prompts) else injection.select(rows)
+                model, _, _ = attention_patch.inject(self.model, part)
+            index = torch.tensor(rows)
+            x0 = sample_one_step(model, positive, negative, latents[index], noise[index], config.timestep,
+                                 config.cfg_scale, config.seed)
+            out[index] = x0.to(out.dtype)
+        return out
+
+
+def batched_conditioning(prompts: Sequence) -> List[Tuple[List[int], list]]:
+    """[(rows, CONDITIONING)] covering every row of a batch, as few groups as possible.
+
+    ComfyUI uses a conditioning tensor of batch n as the per-row conditioning of n latents (one row
+    each), so rows with different prompts share one sampling call: their one-entry CONDITIONINGs are
+    stacked along the batch (the cond tensor and every per-prompt tensor such as SDXL's pooled output).
+    Rows whose prompts differ in token length or carry other settings are grouped apart.
+    """
+    if all(p is prompts[0] for p in prompts):
+        return [(list(range(len(prompts))), prompts[0])]
+    groups: dict = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(_stack_key(prompt, row), []).append(row)
+    out = []
+    for rows in groups.values():
+        first = prompts[rows[0]]
+        if len(rows) == 1 or all(prompts[r] is first for r in rows):
+            out.append((rows, first))
+            continue
+        cond = torch.cat([prompts[r][0][0] for r in rows])
+        extra = {}
+        for key, value in first[0][1].items():
+            values = [prompts[r][0][1][key] for r in rows]
+            extra[key] = torch.cat(values) if torch.is_tensor(value) else value
+        out.append((rows, [[cond, extra]]))
+    return out
+
+
+def _stack_key(prompt, row: int):
+    """Rows with equal keys stack into one CONDITIONING: one entry, cond [1, T, C] of one shape, per-prompt
+    tensors of batch 1, the same other settings. Anything else gets its own group (the row number)."""
+    if not (isinstance(prompt, list) and len(prompt) == 1 and torch.is_tensor(prompt[0][0])
+            and prompt[0][0].shape[0] == 1 and isinstance(prompt[0][1], dict)):
+        return ("alone", row)
+    cond, extra = prompt[0]
+    key = [tuple(cond.shape), cond.dtype, str(cond.device)]
+    for name in sorted(extra):
+        value = extra[name]
+        if torch.is_tensor(value):
+            if value.dim() == 0 or value.shape[0] != 1:
+                return ("alone", row)
+            key.append((name, tuple(value.shape), value.dtype, str(value.device)))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            key.append((name, value))
+        else:
+            return ("alone", row)  # hooks, control and the like: not stacked
+    return tuple(key)
