@@ -1,21 +1,19 @@
 """Every parameter of the method (SPEC.md), declared once in KNOBS, with the paper's defaults.
 
-KNOBS is the single declaration of each knob: name, type, default, range, help text. It
-generates G4SegConfig (fields and validation, including the type checks of values read from
-a JSON file), the CLI flags (cli_options.py) and the ComfyUI node widgets (nodes/common.py:
-knob_inputs, same widget ids, order and defaults as the nodes always had).
+KNOBS is the single declaration of each knob: name, type, default, range, help text. Through
+knobs.KnobSet it generates G4SegConfig (fields and validation, including the type checks of values
+read from a JSON file), the CLI flags (commands/options.py) and the ComfyUI node widgets
+(nodes/common.py: knob_inputs, same widget ids, order and defaults as the nodes always had).
 
 Values marked "reconstruction" are choices the paper leaves open; README.md lists them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from .errors import G4SegError
+from .knobs import Knob, KnobSet, check_knob  # noqa: F401  (check_knob: part of this module's API)
 
 EMI_MODES = ("additive", "densediffusion", "off")
 EMI_SCHEDULES = ("constant", "t5")
@@ -33,39 +31,6 @@ def fill_prompt(template: str, label: str) -> str:
         raise G4SegError(f"prompt_template {template!r} has no '{{}}' where the class name goes, "
                          "e.g. 'a photo of a {}'")
     return template.replace("{}", label)
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One parameter. `kind`: "int", "float", "str", "choice", "band" (low, high) or "optional_str"."""
-
-    name: str
-    kind: str
-    default: Any
-    help: str
-    min: Optional[float] = None
-    max: Optional[float] = None
-    step: Optional[float] = None  # widget step in the node
-    choices: Tuple[str, ...] = ()
-    rule: Optional[Callable[[Any], Optional[str]]] = None  # extra check: the fix to name, or None
-    flag: Optional[str] = None  # CLI flag; default --name-with-dashes; "" = no CLI flag
-    widget: Optional[str] = None  # node widget id; default the name ("band": band_low, band_high)
-    widget_extra: Tuple[Tuple[str, Any], ...] = ()  # node-only widget options
-
-    @property
-    def cli_flag(self) -> str:
-        return "--" + self.name.replace("_", "-") if self.flag is None else self.flag
-
-    @property
-    def widget_ids(self) -> Tuple[str, ...]:
-        if self.kind == "band":
-            return (f"{self.widget or self.name}_low", f"{self.widget or self.name}_high")
-        return (self.widget or self.name,)
-
-    def range_text(self) -> str:
-        if self.min is not None and self.max is not None:
-            return f"{self.min:g}..{self.max:g}"
-        return f">= {self.min:g}" if self.min is not None else ""
 
 
 def _size_rule(v: int) -> Optional[str]:
@@ -137,126 +102,27 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("soften_width", "float", 8.0, "Softening width in pixels of the working size (scaled to the mask's "
          "resolution).", min=0.5, max=256.0, step=0.5),
     # Multi-class fusion: bg = (1 - max_c S_c) ** bg_power.
-    Knob("bg_power", "float", 1.0, "Background channel (1 - max S)^p in the multi-class fusion.", min=0.0,
-         rule=_positive_rule),
+    Knob("bg_power", "float", 1.0, "Background channel (1 - max S)^p in the multi-class fusion; p > 0 (0 would make "
+         "the background 1 everywhere, 0^0 included), at most 100 (beyond, the background is already ~0 wherever "
+         "a class has any probability).", min=0.0, max=100.0, rule=_positive_rule),
     # Engine.
     Knob("dtype", "choice", "auto", "Model dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, "
          "else float32.", choices=DTYPE_CHOICES),
     Knob("device", "optional_str", None, "cpu, cuda, cuda:1 ... (default: cuda if available)."),
 )
-KNOB_BY_NAME: Dict[str, Knob] = {k.name: k for k in KNOBS}
-KNOB_BY_WIDGET: Dict[str, Knob] = {w: k for k in KNOBS for w in k.widget_ids}
+KNOB_SET = KnobSet("G4Seg parameter", KNOBS)
+KNOB_BY_NAME: Dict[str, Knob] = KNOB_SET.by_name
+KNOB_BY_WIDGET: Dict[str, Knob] = KNOB_SET.by_widget
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or type(v).__name__ in (
-        "float32", "float64", "int32", "int64")  # numpy scalars from a computed sweep
-
-
-def check_knob(knob: Knob, value):
-    """The value in its canonical type (ints as ints, floats as floats, band as a tuple), else G4SegError."""
-    name = knob.name
-
-    def fail(fix: str):
-        raise G4SegError(f"{name}={value!r}: {fix}")
-
-    if knob.kind == "int":
-        if not _is_int(value):
-            if _is_number(value) and float(value).is_integer() and not isinstance(value, float):
-                value = int(value)
-            else:
-                fail(f"use a whole number{' in ' + knob.range_text() if knob.range_text() else ''} "
-                     f"(got {type(value).__name__})")
-    elif knob.kind == "float":
-        if not _is_number(value):
-            fail(f"use a number{' in ' + knob.range_text() if knob.range_text() else ''} (got {type(value).__name__})")
-        value = float(value)
-        if not math.isfinite(value):
-            fail("use a finite number")
-    elif knob.kind == "band":
-        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
-            fail("use two numbers [low, high] with 0 <= low <= high <= 1, e.g. [0.2, 0.6]")
-        value = tuple(float(v) for v in value)
-        if not all(math.isfinite(v) for v in value):
-            fail("use finite numbers")
-    elif knob.kind in ("str", "choice"):
-        if not isinstance(value, str):
-            fail(f"use a string (got {type(value).__name__})"
-                 + (f": one of {', '.join(knob.choices)}" if knob.choices else ""))
-        if knob.kind == "choice" and value not in knob.choices:
-            fail(f"choose one of {', '.join(knob.choices)}")
-    elif knob.kind == "optional_str":
-        if value is not None and not isinstance(value, str):
-            fail(f"use a string or null (got {type(value).__name__})")
-    values = value if knob.kind == "band" else (value,)
-    if knob.kind in ("int", "float", "band"):
-        low_ok = knob.min is None or all(v >= knob.min for v in values)
-        high_ok = knob.max is None or all(v <= knob.max for v in values)
-        if not (low_ok and high_ok):
-            fail(f"use {knob.range_text()}" + (f" ({knob.help})" if knob.kind == "band" else ""))
-    if knob.rule is not None:
-        problem = knob.rule(value)
-        if problem:
-            fail(problem)
-    return value
-
-
-class _ConfigMethods:
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self):
-        """Check every value against its knob (type, range, rule); values are normalised in place."""
-        for knob in KNOBS:
-            object.__setattr__(self, knob.name, check_knob(knob, getattr(self, knob.name)))
-        return self
-
+class _G4SegMethods:
     def prompt_for(self, label: str) -> str:
         return fill_prompt(self.prompt_template, label)
 
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["band"] = list(self.band)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict):
-        unknown = sorted(set(values) - set(KNOB_BY_NAME))
-        if unknown:
-            raise G4SegError(f"unknown G4Seg parameter(s) {unknown}; known: {sorted(KNOB_BY_NAME)}")
-        return cls(**values)
-
-    @classmethod
-    def from_widgets(cls, widgets: dict):
-        """A config from node widget values (ids as in the nodes: grid, schedule, cfg, band_low/band_high ...).
-
-        Widgets a node does not have keep their defaults; anything that is not a knob widget is an error.
-        """
-        values: Dict[str, Any] = {}
-        band = list(KNOB_BY_NAME["band"].default)
-        for widget, value in widgets.items():
-            knob = KNOB_BY_WIDGET.get(widget)
-            if knob is None:
-                raise G4SegError(f"{widget!r} is not a G4Seg parameter widget")
-            if knob.kind == "band":
-                band[knob.widget_ids.index(widget)] = value
-                values["band"] = tuple(band)
-            else:
-                values[knob.name] = value
-        return cls(**values)
-
-
-G4SegConfig = dataclasses.make_dataclass(
-    "G4SegConfig", [(k.name, Any, dataclasses.field(default=k.default)) for k in KNOBS], bases=(_ConfigMethods,))
-G4SegConfig.__module__ = __name__
-G4SegConfig.__doc__ = "Every knob of KNOBS as a field (validated on creation; see KNOBS for the meaning)."
+G4SegConfig = KNOB_SET.make_config(
+    "G4SegConfig", __name__, "Every knob of KNOBS as a field (validated on creation; see KNOBS for the meaning).",
+    _G4SegMethods)
 
 
 def emi_time_factor(schedule: str, timestep: float) -> float:

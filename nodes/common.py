@@ -11,11 +11,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from g4seg_core.config import KNOB_BY_WIDGET
+from g4seg_core.config import KNOB_SET
 from g4seg_core.errors import G4SegError
 
 CATEGORY = "G4Seg"
-_WIDGET_TYPES = {"int": "INT", "float": "FLOAT", "str": "STRING"}
 
 
 # --------------------------------------------------------------------------- prompts
@@ -29,31 +28,9 @@ def escape_prompt(text: str) -> str:
 # --------------------------------------------------------------------------- widgets from the knob table
 
 def knob_inputs(*widget_ids: str, defaults: Optional[dict] = None, tooltips: Optional[dict] = None) -> dict:
-    """ComfyUI widget declarations of G4Seg knobs (g4seg_core.config.KNOBS), in the order given.
-
-    Type, default, range, step and tooltip come from the knob's one declaration; a node may give
-    another default or tooltip where the knob means something node-specific there.
-    """
-    out = {}
-    for widget in widget_ids:
-        knob = KNOB_BY_WIDGET[widget]
-        if knob.kind == "band":
-            end = knob.widget_ids.index(widget)
-            default, tooltip = knob.default[end], ("Lower" if end == 0 else "Upper") + " end. " + knob.help
-        else:
-            default, tooltip = knob.default, knob.help
-        options = {"default": default}
-        if knob.kind in ("int", "float", "band"):
-            options.update({k: v for k, v in (("min", knob.min), ("max", knob.max), ("step", knob.step))
-                            if v is not None})
-        options.update(dict(knob.widget_extra))
-        options["tooltip"] = (tooltips or {}).get(widget, tooltip)
-        if defaults and widget in defaults:
-            options["default"] = defaults[widget]
-        kind = list(knob.choices) if knob.kind == "choice" else _WIDGET_TYPES["float" if knob.kind == "band"
-                                                                            else knob.kind]
-        out[widget] = (kind, options)
-    return out
+    """ComfyUI widget declarations of G4Seg knobs (g4seg_core.config.KNOBS), in the order given
+    (knobs.KnobSet.widget_inputs: type, default, range, step and tooltip from the knob's one declaration)."""
+    return KNOB_SET.widget_inputs(*widget_ids, defaults=defaults, tooltips=tooltips)
 
 
 # --------------------------------------------------------------------------- comfy access (lazy)

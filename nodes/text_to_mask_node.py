@@ -6,7 +6,6 @@ G4Seg workflow already loads (an SD2.x checkpoint's CLIP + clip_vision_h; SDXL's
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import List
 
 import numpy as np
@@ -16,7 +15,7 @@ from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
 from g4seg_core.method import multiclass
 from g4seg_core.files.palettes import voc_palette
-from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes
+from g4seg_core.zeroshot import SEGMENTER_KNOBS, ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes
 
 from .common import CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch
 from .comfy.zeroshot import comfy_naclip_features, query_embeddings
@@ -26,21 +25,11 @@ from .refine_node import OPTIONAL_KNOBS, REQUIRED_KNOBS, STAGES
 # Widget ids in their permanent order (saved workflows store values by position; append only).
 TEXT_REQUIRED = ("background", "prob_threshold", "templates")
 TEXT_OPTIONAL = ("short_side", "window", "stride", "logit_scale", "sigma", "window_batch")
-_TYPES = {int: "INT", float: "FLOAT", str: "STRING"}
 
 
 def zeroshot_inputs(*names: str) -> dict:
-    """Widgets of segmenter knobs, from ZeroShotConfig's one declaration (default, range, help)."""
-    by_name = {f.name: f for f in fields(ZeroShotConfig)}
-    out = {}
-    for name in names:
-        f = by_name[name]
-        meta = dict(f.metadata)
-        options = {"default": f.default, "tooltip": meta.pop("help", "")}
-        choices = meta.pop("choices", None)
-        options.update(meta)
-        out[name] = (list(choices), options) if choices else (_TYPES[type(f.default)], options)
-    return out
+    """Widgets of segmenter knobs, from their one declaration (zeroshot.SEGMENTER_KNOBS: default, range, help)."""
+    return SEGMENTER_KNOBS.widget_inputs(*names)
 
 
 def label_map_image(labels: torch.Tensor) -> torch.Tensor:
@@ -107,7 +96,7 @@ class G4SegTextToMask:
         }, "optional": zeroshot_inputs(*TEXT_OPTIONAL)}
 
     def segment(self, clip, clip_vision, image, classes, **knobs):
-        config = ZeroShotConfig.from_dict(knobs)
+        config = ZeroShotConfig.from_widgets(knobs)
         masks, labels, names = text_to_mask(clip, clip_vision, image, classes, config)
         return masks, label_map_image(labels), class_names_text(names)
 

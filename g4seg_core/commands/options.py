@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import KNOBS, G4SegConfig
+from ..config import KNOB_SET, G4SegConfig
 from ..errors import G4SegError, ModelNotFoundError
 
 RANDOM_BANNER = ("=" * 78 + "\n  RANDOM WEIGHTS: tiny random-weight models built from config.\n"
@@ -25,22 +25,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per knob of config.KNOBS (default None: a flag overrides --config only when given)."""
     g = parser.add_argument_group("G4Seg parameters (defaults: the paper's; see README)")
     g.add_argument("--config", help="JSON file of G4SegConfig values; flags below override it")
-    for knob in KNOBS:
-        if not knob.cli_flag:
-            continue
-        if knob.kind == "band":
-            default = " ".join(f"{v:g}" for v in knob.default)
-        else:
-            default = repr(knob.default) if knob.kind == "str" else knob.default
-        shown = f"{knob.help} (default {default})" if knob.default is not None else knob.help
-        kwargs = {"dest": knob.name, "help": shown.replace("%", "%%")}
-        if knob.kind == "choice":
-            kwargs["choices"] = knob.choices
-        elif knob.kind in ("int", "float"):
-            kwargs["type"] = int if knob.kind == "int" else float
-        elif knob.kind == "band":
-            kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
-        g.add_argument(knob.cli_flag, **kwargs)
+    KNOB_SET.add_arguments(g)
 
 
 def config_from_args(args) -> G4SegConfig:
@@ -54,10 +39,7 @@ def config_from_args(args) -> G4SegConfig:
             raise G4SegError(f"--config {args.config} holds a JSON {type(loaded).__name__}; it must be an object of "
                              "G4Seg parameters, e.g. {\"beta\": 0.9}")
         values.update(loaded)
-    for knob in KNOBS:
-        value = getattr(args, knob.name, None)
-        if value is not None:
-            values[knob.name] = value
+    values.update(KNOB_SET.values_from_args(args))
     try:
         return G4SegConfig.from_dict(values)
     except G4SegError as exc:

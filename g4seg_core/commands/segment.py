@@ -21,7 +21,6 @@ import json
 import re
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -33,7 +32,7 @@ from .folder_run import FOLDER_IMAGE_EXTS, FolderRun
 
 
 def add_segment_parser(sub) -> None:
-    from ..zeroshot import ZeroShotConfig
+    from ..zeroshot import SEGMENTER_KNOBS
 
     p = sub.add_parser("segment", help="words -> coarse masks: class names to per-class probabilities and a label map "
                                        "(training-free, on a CLIP you already have); --refine adds G4Seg")
@@ -52,22 +51,15 @@ def add_segment_parser(sub) -> None:
                    help="skip images whose outputs an earlier run with the same classes, parameters and models "
                         "completed (rerun a folder after fixing its failures, or after Ctrl-C)")
     add_model_arguments(p)
-    g = p.add_argument_group("segmenter (defaults: the NACLIP recipe)")
-    d = ZeroShotConfig()
-    for f in fields(ZeroShotConfig):
-        g.add_argument("--" + f.name.replace("_", "-"), dest="zs_" + f.name, type=type(f.default),
-                       choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
-                       help=f"{f.metadata.get('help', '')} (default {getattr(d, f.name)})")
+    SEGMENTER_KNOBS.add_arguments(p.add_argument_group("segmenter (defaults: the NACLIP recipe)"), dest_prefix="zs_")
     add_config_arguments(p)  # G4Seg parameters (used by --refine), --device, --dtype
     p.set_defaults(func=cmd_segment)
 
 
 def segmenter_config(args):
-    from ..zeroshot import ZeroShotConfig
+    from ..zeroshot import SEGMENTER_KNOBS, ZeroShotConfig
 
-    values = {f.name: getattr(args, "zs_" + f.name) for f in fields(ZeroShotConfig)
-              if getattr(args, "zs_" + f.name, None) is not None}
-    return ZeroShotConfig.from_dict(values)
+    return ZeroShotConfig.from_dict(SEGMENTER_KNOBS.values_from_args(args, dest_prefix="zs_"))
 
 
 def _device(args):

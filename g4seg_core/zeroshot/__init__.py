@@ -16,7 +16,8 @@ from typing import Optional, Union
 import torch
 
 from .neighbourhood import LastBlock, neighbourhood_attention, neighbourhood_bias, neighbourhood_features
-from .segment import ZeroShotConfig, ZeroShotResult, ZeroShotSegmenter, sliding_windows
+from .config import SEGMENTER_KNOBS, ZeroShotConfig
+from .segment import ZeroShotResult, ZeroShotSegmenter, sliding_windows
 from .text import QueryEmbeddings, check_widths, class_embedding, load_text_tower
 from .vocabulary import IMAGENET_TEMPLATES, STUFF_WORDS, ClassList, parse_classes
 
@@ -57,7 +58,7 @@ def _output_width(module) -> Optional[int]:
     return None
 
 
-__all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "QueryEmbeddings", "STUFF_WORDS",
+__all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "QueryEmbeddings", "SEGMENTER_KNOBS", "STUFF_WORDS",
            "ZeroShotConfig", "ZeroShotResult", "ZeroShotSegmenter", "check_widths",
            "class_embedding", "load_matching_features", "load_segmenter", "load_text_tower",
            "neighbourhood_attention", "neighbourhood_bias", "neighbourhood_features",

@@ -15,7 +15,7 @@ The recipe (SPEC "Words -> coarse mask"; NACLIP / SCLIP evaluation protocol):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,69 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import G4SegError
-from .neighbourhood import DEFAULT_SIGMA
+from .config import ZeroShotConfig
 from .text import QueryEmbeddings, check_widths
 from .vocabulary import ClassList, parse_classes, template_set
-
-
-@dataclass
-class ZeroShotConfig:
-    """Knobs of the words -> coarse-mask segmenter (defaults: the published recipe).
-
-    Each knob is declared once, here: `g4seg segment` flags and the node's widgets are generated
-    from these fields (name, default, metadata help).
-    """
-
-    short_side: int = field(default=336, metadata={
-        "help": "image resized so its shorter side is this many px (0: keep the image size)",
-        "min": 0, "max": 4096, "step": 16})
-    window: int = field(default=224, metadata={"help": "sliding-window side, px", "min": 32, "max": 1024, "step": 16})
-    stride: int = field(default=112, metadata={"help": "window step, px (windows overlap and are averaged)",
-                                               "min": 8, "max": 1024, "step": 8})
-    logit_scale: float = field(default=40.0, metadata={"help": "softmax temperature: logits = scale x cosine",
-                                                        "min": 1.0, "max": 200.0, "step": 1.0})
-    sigma: float = field(default=DEFAULT_SIGMA, metadata={"help": "neighbourhood width of the last block, patches",
-                                                          "min": 0.1, "max": 50.0, "step": 0.1})
-    background: str = field(default="voc", metadata={
-        "help": "background words: 'voc' (26 stuff words: sky, wall, tree, ...), 'none', or a comma-separated list"})
-    prob_threshold: float = field(default=0.1, metadata={
-        "help": "pixels whose best class probability is below this become background (0: off)",
-        "min": 0.0, "max": 1.0, "step": 0.01})
-    templates: str = field(default="imagenet80", metadata={
-        "help": "'imagenet80' (the recipe: 80 prompt templates averaged) or 'single' ('a photo of a {}.': 80x less "
-                "text-encoder work, for CPUs)", "choices": ("imagenet80", "single")})
-    window_batch: int = field(default=8, metadata={
-        "help": "windows per vision-model call (memory vs speed; the result does not change)", "min": 1, "max": 64})
-
-    def __post_init__(self) -> None:
-        for name in ("window", "stride", "window_batch"):
-            if int(getattr(self, name)) < 1:
-                raise G4SegError(f"{name}={getattr(self, name)}: use a positive number")
-        if self.stride > self.window:
-            raise G4SegError(f"stride={self.stride} > window={self.window}: windows would leave gaps")
-        if self.short_side < 0:
-            raise G4SegError(f"short_side={self.short_side}: use 0 (keep the image size) or a size in px (336)")
-        if not self.logit_scale > 0:
-            raise G4SegError(f"logit_scale={self.logit_scale}: use a positive number (recipe: 40)")
-        if not 0.0 <= self.prob_threshold <= 1.0:
-            raise G4SegError(f"prob_threshold={self.prob_threshold}: use 0..1 (recipe: 0.1; 0 turns it off)")
-        if not self.sigma > 0:
-            raise G4SegError(f"sigma={self.sigma}: use a positive width in patches (recipe: 5)")
-        template_set(self.templates)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ZeroShotConfig":
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise G4SegError(f"unknown segmenter setting(s) {unknown}: choose from {sorted(cls.__dataclass_fields__)}")
-        types = {f.name: type(f.default) for f in fields(cls)}
-        try:
-            return cls(**{k: types[k](v) for k, v in values.items()})
-        except (TypeError, ValueError) as exc:
-            raise G4SegError(f"segmenter settings {values}: {exc}") from exc
 
 
 def sliding_windows(height: int, width: int, window: int, stride: int) -> List[Tuple[int, int, int, int]]:
