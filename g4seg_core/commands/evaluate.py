@@ -269,7 +269,7 @@ def run_eval(args) -> int:
     if not args.out:
         raise G4SegError("give an output folder with --out")
     from ..evaluation.baselines import make_refiner, needs_crf, needs_pipeline
-    from .options import build_pipeline, config_from_args
+    from .options import build_pipeline, check_given_model_paths, config_from_args
     from ..evaluation.datasets import VOCStyleDataset, read_class_names
 
     index, count, from_env = resolve_shard(args)
@@ -281,6 +281,8 @@ def run_eval(args) -> int:
     config = config_from_args(args)
     bg_power = float(config.bg_power)  # --bg-power is a config knob flag
     methods = _methods(args.methods)
+    if any(needs_pipeline(m) for m in methods):
+        check_given_model_paths(args)
     class_names = read_class_names(args.class_names) if args.class_names else None
     dataset = VOCStyleDataset(args.data, split=args.split, image_dir=args.images_dir, gt_dir=args.gt_dir,
                               coarse_dir=args.coarse, protocol=args.protocol, seed=config.seed,

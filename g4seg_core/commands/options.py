@@ -62,6 +62,86 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="use real weights when found, else the tiny random-weight self-check (said loudly)")
 
 
+def check_given_model_paths(args) -> None:
+    """A model path the user named (--checkpoint, --clip, --text, or $G4SEG_CHECKPOINT / $G4SEG_CLIP when the
+    flag is absent) that does not exist is an error naming it, before any work, whatever
+    --selfcheck-if-missing says (it stands in only for models nobody named)."""
+    import os
+
+    from ..loading.clip_loading import split_clip_spec
+    from ..loading.model_files import CHECKPOINT_ENV, CLIP_ENV
+
+    if getattr(args, "selfcheck", False):
+        return
+    named = [("--checkpoint", args.checkpoint, CHECKPOINT_ENV), ("--clip", args.clip, CLIP_ENV),
+             ("--text", getattr(args, "text", None), None)]
+    for flag, value, env in named:
+        origin = flag
+        if not value and env and os.environ.get(env):
+            value, origin = os.environ[env], f"${env}"
+        if not value:
+            continue
+        path = Path(os.path.expanduser(split_clip_spec(value)[1] if flag != "--checkpoint" else str(value)))
+        if not path.exists():
+            raise G4SegError(f"{origin} {path} does not exist: check the path (a model you name is never replaced "
+                             "by another or by random weights)")
+
+
+def refuse_selfcheck_for_named_models(args, exc: ModelNotFoundError) -> None:
+    """--selfcheck-if-missing stands in for models nobody named, never for a named one's missing partner."""
+    named = [flag for flag, dest in (("--checkpoint", "checkpoint"), ("--clip", "clip"), ("--text", "text"))
+             if getattr(args, dest, None)]
+    if named:
+        raise G4SegError(f"{exc}\n--selfcheck-if-missing does not replace models next to named ones "
+                         f"({', '.join(named)}): name the missing one too, or none") from None
+
+
+def _file_stamp(value) -> dict:
+    """A model file (or diffusers folder) as path, size and modification time: enough to tell another file."""
+    import os
+
+    from ..loading.clip_loading import split_clip_spec
+
+    name, file = split_clip_spec(value)
+    path = Path(os.path.expanduser(file)).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [p.stat() for p in files]
+    stamp = {"path": str(path), "bytes": sum(st.st_size for st in stats),
+             "mtime_ns": max((st.st_mtime_ns for st in stats), default=0), "files": len(files)}
+    if name:
+        stamp["architecture"] = name
+    return stamp
+
+
+def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = False) -> dict:
+    """What identifies the models a run would load, found without loading them (for --skip-existing): the
+    self-check, or each model file's path, size and modification time; and the device kind and dtype asked for.
+    sd: the SD checkpoint is needed (else recorded when found); text: --text counts."""
+    from ..loading.model_files import find_checkpoint, find_clip_vision
+    from ..loading.precision import default_device
+
+    key = {"device": default_device(args.device).split(":")[0], "dtype": str(dtype or "auto")}
+    if args.selfcheck:
+        return {**key, "models": "selfcheck (random weights)"}
+    files = {}
+    try:
+        if clip:
+            files["clip"] = find_clip_vision(args.clip, args.comfyui_dir)
+        try:
+            files["checkpoint"] = find_checkpoint(args.checkpoint, args.comfyui_dir)
+        except ModelNotFoundError:
+            if sd:
+                raise
+        if text and getattr(args, "text", None):
+            files["text"] = args.text
+    except ModelNotFoundError as exc:
+        if not args.selfcheck_if_missing:
+            raise
+        refuse_selfcheck_for_named_models(args, exc)
+        return {**key, "models": "selfcheck (random weights)"}
+    return {**key, "models": {k: _file_stamp(v) for k, v in files.items()}}
+
+
 def build_pipeline(args, config: G4SegConfig):
     from ..pipeline import G4SegPipeline
     from ..loading.precision import dtype_name
@@ -79,6 +159,7 @@ def build_pipeline(args, config: G4SegConfig):
     except ModelNotFoundError as exc:
         if not args.selfcheck_if_missing:
             raise
+        refuse_selfcheck_for_named_models(args, exc)
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
         print(RANDOM_BANNER, file=sys.stderr)
         return (G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype),

@@ -20,7 +20,15 @@ from typing import Dict, List, Tuple
 from ..errors import G4SegError
 from ..files.image_files import MASK_EXTS, files_by_stem
 from .folder_run import FOLDER_IMAGE_EXTS, FolderRun
-from .options import add_config_arguments, add_model_arguments, build_pipeline, config_from_args, load_image
+from .options import (
+    add_config_arguments,
+    add_model_arguments,
+    build_pipeline,
+    check_given_model_paths,
+    config_from_args,
+    load_image,
+    models_key,
+)
 
 OUTPUT_SUFFIXES = {"refined_prob": "_refined_prob.png", "refined_mask": "_refined_mask.png",
                    "overlay": "_overlay.png", "generated": "_generated.png", "report": "_g4seg.json"}
@@ -106,8 +114,9 @@ def _comparable(parameters: dict) -> dict:
     return {k: v for k, v in parameters.items() if k != "device"}
 
 
-def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, config) -> bool:
-    """True if an earlier run wrote every output of this pair with the same parameters."""
+def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, config, models: dict) -> bool:
+    """True if an earlier run wrote every output of this pair with the same parameters and models (files or
+    the self-check, device kind, dtype): a self-check result never stands for a run with real weights."""
     files = output_files(out_dir, image_path.stem)
     try:
         report = json.loads(files["report"].read_text(encoding="utf-8"))
@@ -116,6 +125,7 @@ def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, conf
     return (isinstance(report, dict) and all(p.is_file() for p in files.values())
             and report.get("image") == str(image_path) and report.get("mask") == str(mask_path)
             and report.get("label") == args.label and report.get("mask_class") == args.mask_class
+            and report.get("models_key") == models
             and _comparable(report.get("parameters") or {}) == _comparable(config.to_dict()))
 
 
@@ -148,6 +158,8 @@ def cmd_refine(args) -> int:
     from ..method.softening import uniform_map_warning
 
     config = config_from_args(args)
+    check_given_model_paths(args)
+    models_found = models_key(args, config.dtype)
     folder = Path(args.image).is_dir()
     pairs, unpaired = _pairs(Path(args.image), Path(args.mask))
     planned = [(path, f"the {kind} of {image_path.name}") for image_path, _ in pairs
@@ -165,7 +177,8 @@ def cmd_refine(args) -> int:
     run.fail_all(unpaired)
     name = lambda pair: pair[0].name  # noqa: E731
     todo = run.check(pairs, name, lambda pair: check_pair(*pair, args, quiet=True),
-                     finished=(lambda pair: finished_before(out_dir, *pair, args, config)) if args.skip_existing
+                     finished=(lambda pair: finished_before(out_dir, *pair, args, config, models_found))
+                     if args.skip_existing
                      else None,
                      has_outputs=lambda pair: output_files(out_dir, pair[0].stem)["report"].exists())
     if todo:
@@ -177,7 +190,8 @@ def cmd_refine(args) -> int:
             result = pipe.refine(image, mask, args.label, config)
             extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
                      "models": models, "clip": getattr(pipe.clip, "name", "clip"),
-                     "dtype_used": dtype_name(pipe.dtype), "dtype_reason": pipe.dtype_reason}
+                     "dtype_used": dtype_name(pipe.dtype), "dtype_reason": pipe.dtype_reason,
+                     "models_key": models_found}
             write_outputs(out_dir, image_path.stem, image, result, extra)
             warning = uniform_map_warning(mask, config.threshold)
             if warning:

@@ -24,7 +24,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .options import RANDOM_BANNER, add_config_arguments, add_model_arguments, config_from_args, load_image
+from .options import (
+    RANDOM_BANNER,
+    add_config_arguments,
+    add_model_arguments,
+    check_given_model_paths,
+    config_from_args,
+    load_image,
+    models_key,
+    refuse_selfcheck_for_named_models,
+)
 from ..errors import G4SegError, ModelNotFoundError
 from ..files.image_files import files_by_stem
 from .folder_run import FOLDER_IMAGE_EXTS, FolderRun
@@ -102,6 +111,7 @@ def load_models(args, config):
     except ModelNotFoundError as exc:
         if not args.selfcheck_if_missing:
             raise
+        refuse_selfcheck_for_named_models(args, exc)
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
         return _tiny("; no weights found")
     features = load_matching_features(clip, tower, config.sigma, device, dtype)
@@ -187,11 +197,14 @@ def refused_without_refine(args) -> List[str]:
                     if getattr(args, dest, None) is not None]
 
 
-def rerun_key(path: Path, segmenter_parameters: dict, classes, g4seg_config) -> dict:
-    """What makes an earlier result of this image the same result (--skip-existing)."""
+def rerun_key(path: Path, segmenter_parameters: dict, classes, g4seg_config, models: dict) -> dict:
+    """What makes an earlier result of this image the same result (--skip-existing): the image, classes,
+    parameters, and the models (files, or the self-check; device kind and dtype)."""
+    refine = None
+    if g4seg_config is not None:
+        refine = {k: v for k, v in g4seg_config.to_dict().items() if k != "device"}  # the device kind is in models
     return {"image": str(path), "parameters": segmenter_parameters, "synonyms": [list(s) for s in classes.synonyms],
-            "background": list(classes.background),
-            "refine": g4seg_config.to_dict() if g4seg_config is not None else None}
+            "background": list(classes.background), "refine": refine, "models": models}
 
 
 def finished_before(out_dir: Path, path: Path, key: dict) -> bool:
@@ -221,12 +234,14 @@ def cmd_segment(args) -> int:
     images = _images(Path(args.image))
     folder_run = Path(args.image).is_dir()
     g4seg_config = config_from_args(args) if args.refine else None
+    check_given_model_paths(args)
+    models = models_key(args, args.dtype, sd=args.refine, text=True)
     refuse_overwriting_inputs(args.out, planned_outputs(Path(args.out), images, file_names, args.refine)
                               + ([(Path(args.out) / RUN_REPORT, "the run report")] if folder_run else []),
                               images + ([args.config] if args.config else []),
                               {"the image folder (IMAGE)": args.image} if folder_run else None)
     out_dir = prepare_output_dir(args.out)
-    keys = {path: rerun_key(path, config.to_dict(), classes, g4seg_config) for path in images}
+    keys = {path: rerun_key(path, config.to_dict(), classes, g4seg_config, models) for path in images}
 
     run = FolderRun("segment", folder_run)
     todo = run.check(images, lambda path: path.name, lambda path: load_image(path, args.convert_rgb, quiet=True),
