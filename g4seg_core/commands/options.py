@@ -125,13 +125,13 @@ def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = Fal
         return {**key, "models": "selfcheck (random weights)"}
     files = {}
     try:
-        if clip:
-            files["clip"] = find_clip_vision(args.clip, args.comfyui_dir)
-        try:
+        try:  # the order the models load in: the SD checkpoint first
             files["checkpoint"] = find_checkpoint(args.checkpoint, args.comfyui_dir)
         except ModelNotFoundError:
             if sd:
                 raise
+        if clip:
+            files["clip"] = find_clip_vision(args.clip, args.comfyui_dir)
         if text and getattr(args, "text", None):
             files["text"] = args.text
     except ModelNotFoundError as exc:
