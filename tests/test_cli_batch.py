@@ -296,3 +296,25 @@ def test_unwritable_out_is_one_line_before_models(tmp_path, capsys, model_loads,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write into the folder (Permission denied)" in err
     assert model_loads == []
+
+
+def test_each_pair_is_decoded_once(tmp_path, monkeypatch, model_loads):
+    """The up-front check's decoded image and mask are the ones refined (issue 17.3), unless they would not fit
+    in the memory bound, when a pair is decoded again for its run."""
+    import g4seg_core.files.image_files as image_files
+
+    images, masks = _folders(tmp_path)
+    reads = []
+    real = image_files.read_rgb
+
+    def counting(path):
+        reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(image_files, "read_rgb", counting)
+    assert main(["refine", str(images), str(masks), "--label", "cat", "--out", str(tmp_path / "o")] + FAST) == 0
+    assert sorted(reads) == ["a.png", "b.png", "c.png"]
+    reads.clear()
+    monkeypatch.setattr(cli, "_KEEP_DECODED_BYTES", 0)
+    assert main(["refine", str(images), str(masks), "--label", "cat", "--out", str(tmp_path / "p")] + FAST) == 0
+    assert sorted(reads) == ["a.png", "a.png", "b.png", "b.png", "c.png", "c.png"]

@@ -152,6 +152,9 @@ def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
     return report
 
 
+_KEEP_DECODED_BYTES = 1 << 30
+
+
 def cmd_refine(args) -> int:
     from ..files.output_files import prepare_output_dir, refuse_overwriting_inputs
     from ..loading.precision import dtype_name
@@ -176,7 +179,16 @@ def cmd_refine(args) -> int:
     run = FolderRun("refine", folder)
     run.fail_all(unpaired)
     name = lambda pair: pair[0].name  # noqa: E731
-    todo = run.check(pairs, name, lambda pair: check_pair(*pair, args, quiet=True),
+    # The check decodes each pair; what it decoded is kept for the run (each file decoded once) while the
+    # kept pixels stay under _KEEP_DECODED_BYTES; beyond that, a folder's later pairs are decoded again.
+    decoded: Dict[Tuple[Path, Path], tuple] = {}
+
+    def check(pair):
+        image, mask = check_pair(*pair, args)
+        if sum(a.nbytes + b.nbytes for a, b in decoded.values()) + image.nbytes + mask.nbytes <= _KEEP_DECODED_BYTES:
+            decoded[pair] = (image, mask)
+
+    todo = run.check(pairs, name, check,
                      finished=(lambda pair: finished_before(out_dir, *pair, args, config, models_found))
                      if args.skip_existing
                      else None,
@@ -186,7 +198,7 @@ def cmd_refine(args) -> int:
 
         def work(pair):
             image_path, mask_path = pair
-            image, mask = check_pair(image_path, mask_path, args)
+            image, mask = decoded.pop(pair, None) or check_pair(image_path, mask_path, args, quiet=True)
             result = pipe.refine(image, mask, args.label, config)
             extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
                      "models": models, "clip": getattr(pipe.clip, "name", "clip"),

@@ -29,9 +29,10 @@ from PIL import Image
 from ..config import G4SegConfig
 from ..errors import G4SegError
 from .injection import InjectionBatch
-from .masks import check_same_framing, resize_probability, validate_probability
-from .mixing import correspondence_for, mix_foreground
-from .softening import prepare_coarse
+from .masks import check_same_framing, resize_maps, validate_probability
+from .correspondence import grid_match_to_pixels
+from .mixing import feature_match, mix_probabilities
+from .softening import soften_checked
 
 
 class Backend(Protocol):
@@ -199,9 +200,17 @@ def prepare_images(backend: Backend, images: Sequence, config: G4SegConfig, timi
 
 def prepare_mask(mask, context: ImageContext, config: G4SegConfig) -> Tuple[np.ndarray, str]:
     """Validate, check the framing against the image, soften a binary mask: (prob at mask size, description)."""
-    prob = validate_probability(mask, name="mask")
+    prob = validate_probability(mask, name="mask")  # the one validation of the flow
     check_same_framing(context.size_hw, prob.shape)
-    return prepare_coarse(prob, max(context.work_hw), config.soften, config.soften_width)
+    return soften_checked(prob, max(context.work_hw), config.soften, config.soften_width)
+
+
+def _rows_by_shape(probs: Sequence[np.ndarray], device) -> List[Tuple[List[int], torch.Tensor]]:
+    """[(rows, their maps [n, H, W] on `device`)] for each distinct map size, in order of first appearance."""
+    rows_of: Dict[Tuple[int, int], List[int]] = {}
+    for row, prob in enumerate(probs):
+        rows_of.setdefault(tuple(prob.shape), []).append(row)
+    return [(rows, torch.from_numpy(np.stack([probs[r] for r in rows])).to(device)) for rows in rows_of.values()]
 
 
 def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, config: Optional[G4SegConfig] = None,
@@ -242,10 +251,15 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
     negative = backend.prompt(config.negative_prompt, None)[0] if config.cfg_scale != 1.0 else None
 
     with _stage(backend, timings, "unet", progress):
-        injection = None if config.emi_mode == "off" else InjectionBatch.from_config(
-            torch.stack([torch.from_numpy(resize_probability(prob, work_hw, mode="bilinear")) for prob in probs]),
-            positions, config)
         latents = torch.cat([c.latent for c in contexts])
+        # Masks as tensors on the model's device, one per row; rows whose masks share a size move together.
+        groups = _rows_by_shape(probs, latents.device)
+        injection = None
+        if config.emi_mode != "off":
+            masks = torch.empty(batch, *work_hw, device=latents.device)
+            for rows, maps in groups:
+                masks[rows] = resize_maps(maps, work_hw, mode="bilinear")
+            injection = InjectionBatch.from_config(masks, positions, config)
         x0 = backend.denoise(latents, batch_noise(latents, config.seed), handles, injection, config, negative)
     with _stage(backend, timings, "vae_decode", progress):
         generated = resize_image(backend.decode(x0).float(), work_hw)  # VAEs may crop to a multiple of 8
@@ -253,13 +267,20 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
         gen_feats = backend.features(generated, config.clip_features)
 
     start = time.perf_counter()
-    refined, matches = [], []
-    for i, (context, prob) in enumerate(zip(contexts, probs)):
-        match, delta = correspondence_for(context.orig_feats, gen_feats[i], prob.shape, config.direction,
-                                          config.correspondence_grid)
-        refined.append(mix_foreground(prob, delta.cpu().numpy(), config.beta, config.band,
-                                      config.iterations).astype(np.float32))
-        matches.append(match.cpu().numpy())
+    # One batched match for every row, then displacement and mixing per mask size (usually one group).
+    orig_feats = torch.stack([c.orig_feats for c in contexts]).to(gen_feats.device)
+    match = feature_match(orig_feats, gen_feats, config.direction, config.correspondence_grid)
+    refined_rows: List[Optional[torch.Tensor]] = [None] * batch
+    for rows, maps in groups:
+        index = torch.tensor(rows, device=match.device)
+        delta = grid_match_to_pixels(match.index_select(0, index), *maps.shape[-2:])
+        mixed = mix_probabilities(maps.to(match.device).float(), delta, config.beta, config.band,
+                                  config.iterations).cpu().numpy()
+        for j, row in enumerate(rows):
+            refined_rows[row] = mixed[j]
+    refined = [np.ascontiguousarray(r, dtype=np.float32) for r in refined_rows]
+    matches = match.cpu().numpy()
+    backend.sync()
     timings["correspondence_and_mixing"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - total_start
     if batch > 1:

@@ -127,16 +127,23 @@ def resize_probability(prob, size_hw: Sequence[int], mode: str = "bilinear") -> 
         raise G4SegError(f"resize mode {mode!r}: choose one of {RESIZE_MODES}")
     if arr.shape == (h, w):
         return arr.copy()
-    t = torch.from_numpy(arr)[None, None]
+    return resize_maps(torch.from_numpy(arr)[None], (h, w), mode)[0].numpy()
+
+
+def resize_maps(maps: torch.Tensor, size_hw: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """resize_probability for checked maps [B, H, W] (float, any device), all at once; [B, h, w] back."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if tuple(maps.shape[-2:]) == (h, w):
+        return maps.clone()
+    t = maps.float()[:, None]
     if mode == "bilinear":
-        shrinking = h < arr.shape[0] or w < arr.shape[1]
-        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False,
-                            antialias=shrinking)
+        shrinking = h < maps.shape[-2] or w < maps.shape[-1]
+        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=shrinking)
     elif mode == "nearest":
         out = F.interpolate(t, size=(h, w), mode="nearest-exact")
     else:
         out = F.interpolate(t, size=(h, w), mode="area")
-    return out[0, 0].clamp_(0.0, 1.0).numpy()
+    return out[:, 0].clamp_(0.0, 1.0)
 
 
 def to_working_size(prob, size: Union[int, Sequence[int]] = 512,

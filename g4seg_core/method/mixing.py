@@ -47,29 +47,46 @@ def mix_foreground(prob, delta, beta: float = 0.8, band: Sequence[float] = (0.2,
         raise G4SegError(f"band={tuple(band)}: use (low, high) with 0 <= low <= high <= 1")
     if iterations < 1:
         raise G4SegError(f"iterations={iterations}: use >= 1")
-    flat_index = d.long().flatten()
-    for _ in range(int(iterations)):
-        uncertain = (s >= low) & (s <= high)
-        matched = s.flatten()[flat_index].view_as(s)
-        s = torch.where(uncertain, beta * s + (1.0 - beta) * matched, s)
+    s = mix_probabilities(s, d, beta, band, iterations)
     return s.numpy() if as_numpy else s
 
 
+def mix_probabilities(prob: torch.Tensor, delta: torch.Tensor, beta: float, band: Sequence[float],
+                      iterations: int) -> torch.Tensor:
+    """Eq. 9 + coarse filtering on checked tensors: prob [..., H, W] float, delta the same shape (flat indices
+    within each map). Maps of a batch mix at once; nothing is read on the host."""
+    low, high = float(band[0]), float(band[1])
+    shape = prob.shape
+    s = prob.reshape(-1, shape[-2] * shape[-1])
+    flat_index = delta.long().reshape(s.shape)
+    for _ in range(int(iterations)):
+        uncertain = (s >= low) & (s <= high)
+        matched = s.gather(1, flat_index)
+        s = torch.where(uncertain, beta * s + (1.0 - beta) * matched, s)
+    return s.view(shape)
+
+
 def correspondence_for(orig_feats: torch.Tensor, gen_feats: torch.Tensor, out_hw: Tuple[int, int],
-                       direction: str = "original_to_generated", grid: int = 0):
-    """Match at the feature grid, carry to pixels. Returns (grid match [h, w], pixel delta [H, W])."""
+                       direction: str = "original_to_generated", grid: int = 0, check: bool = True):
+    """Match at the feature grid, carry to pixels. Returns (grid match [h, w], pixel delta [H, W]); feature
+    maps [B, C, h, w] give [B, h, w] and [B, H, W] (one batched match). `check`: the finite check."""
     if direction not in DIRECTIONS:
         raise G4SegError(f"direction={direction!r}: choose one of {DIRECTIONS}")
     if orig_feats.shape != gen_feats.shape:
         raise G4SegError(f"original and generated features differ in shape: {tuple(orig_feats.shape)} vs "
                          f"{tuple(gen_feats.shape)}: extract both at the same size")
+    match = feature_match(orig_feats, gen_feats, direction, grid, check)
+    return match, grid_match_to_pixels(match, int(out_hw[0]), int(out_hw[1]))
+
+
+def feature_match(orig_feats: torch.Tensor, gen_feats: torch.Tensor, direction: str, grid: int,
+                  check: bool = True) -> torch.Tensor:
+    """The grid match of Eq. 8 ([h, w], or [B, h, w] for [B, C, h, w] maps) in the chosen direction."""
     # original_to_generated: where each original location's content went; the other is Eq. 8 literally
     query, ref = (orig_feats, gen_feats) if direction == "original_to_generated" else (gen_feats, orig_feats)
     if grid and grid >= max(query.shape[-2:]):
-        match = match_upsampled_features(query, ref, grid)  # same result, far fewer operations
-    else:
-        match = match_features(resample_features(query, grid), resample_features(ref, grid))
-    return match, grid_match_to_pixels(match, int(out_hw[0]), int(out_hw[1]))
+        return match_upsampled_features(query, ref, grid, check=check)  # same result, far fewer operations
+    return match_features(resample_features(query, grid), resample_features(ref, grid), check=check)
 
 
 def update_from_features(prob, orig_feats: torch.Tensor, gen_feats: torch.Tensor, beta: float = 0.8,

@@ -56,7 +56,11 @@ def soften_binary(
     ``allow_trivial=True``, which returns it unchanged (e.g. batch evaluation, where a
     class the coarse segmenter missed should simply stay missed).
     """
-    arr = validate_probability(prob)
+    return _soften_binary(validate_probability(prob), mode, width, allow_trivial)
+
+
+def _soften_binary(arr: np.ndarray, mode: str, width: float, allow_trivial: bool) -> Tuple[np.ndarray, str]:
+    """soften_binary on a validated float32 map."""
     if mode not in SOFTEN_MODES:
         raise G4SegError(f"soften={mode!r}: choose one of {SOFTEN_MODES}")
     if not is_binary(arr):
@@ -101,7 +105,12 @@ def prepare_coarse(mask, working_size: int = 512, soften: str = "sdf",
     10) with `width` given in working-size pixels (scaled to the mask's resolution). Soft maps
     are returned unchanged. Both the core pipeline and the ComfyUI nodes call this.
     """
-    prob = validate_probability(mask, name="mask")
+    return soften_checked(validate_probability(mask, name="mask"), working_size, soften, width)
+
+
+def soften_checked(prob: np.ndarray, working_size: int = 512, soften: str = "sdf",
+                   width: float = 8.0) -> Tuple[np.ndarray, str]:
+    """prepare_coarse on a map validate_probability already returned (the flow validates once at its entry)."""
     if float(prob.max()) <= 0.0:
         raise G4SegError("the mask is empty (all zero): the coarse segmenter found no pixel of this class, "
                          "so there is nothing to refine")
@@ -110,7 +119,7 @@ def prepare_coarse(mask, working_size: int = 512, soften: str = "sdf",
     binary = is_binary(prob)
     if binary and soften != "none":
         scale = max(prob.shape) / float(working_size)
-        return soften_binary(prob, mode=soften, width=width * scale)
+        return _soften_binary(prob, soften, width * scale, allow_trivial=False)
     return prob, "binary input, softening off" if binary else "soft input, not softened"
 
 
