@@ -13,7 +13,7 @@ from g4seg_core.errors import G4SegError
 from g4seg_core.method.masks import check_same_framing
 from g4seg_core.method.mixing import correspondence_for, update_from_features
 
-from .comfy.backend import comfy_clip_vision_features
+from .comfy.clip_vision import comfy_clip_vision_features
 from .common import (CATEGORY, Progress, check_interrupt, image_batch, knob_inputs,
                      image_to_chw, intermediate_device, mask_batch, pick, resize_map, stack_masks)
 from .preview import with_preview

@@ -18,8 +18,9 @@ from g4seg_core.files.palettes import voc_palette
 from g4seg_core.zeroshot import SEGMENTER_KNOBS, ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes
 
 from .common import CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch
-from .comfy.zeroshot import comfy_naclip_features, query_embeddings
 from .comfy.backend import ComfyBackend
+from .comfy.clip_vision import comfy_clip_vision_features
+from .comfy.zeroshot import query_embeddings
 from .refine_node import OPTIONAL_KNOBS, REQUIRED_KNOBS, STAGES
 
 # Widget ids in their permanent order (saved workflows store values by position; append only).
@@ -49,7 +50,7 @@ def text_to_mask(clip, clip_vision, image, classes: str, config: ZeroShotConfig,
     images = image_batch(image)
     text = query_embeddings(clip)
     if features is None:
-        features = comfy_naclip_features(clip_vision, config.sigma)
+        features = comfy_clip_vision_features(clip_vision, "naclip", config.sigma)
     check_widths(text.width, features.width, f"text encoder ({text.name})", "CLIP_VISION model")
     segmenter = ZeroShotSegmenter(features, text, config)
     bar = Progress(images.shape[0])

@@ -6,7 +6,7 @@ g4seg_core.method.flow.refine_batch, the orchestration `g4seg refine` runs on di
   prompt: CLIP.tokenize / encode_from_tokens, class-token positions from the tokenizers' ids;
   denoise: the attention patch (attention_patch.py) and one Euler step from sigma(t) to 0 through
     comfy.sample.sample_custom, so ControlNet, hooks, CFG and v-prediction work as ComfyUI does;
-  features: ComfyUI's CLIP vision transformer on the full image (positional embedding interpolated).
+  features: ComfyUI's CLIP vision transformer on the full image (clip_vision.py).
 Every `comfy` import is inside a function: the module (and tests with stand-in objects) runs
 without ComfyUI.
 """
@@ -17,13 +17,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from g4seg_core.models.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures, interpolate_position_grid
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
-from g4seg_core.method.injection import InjectionBatch, plain_attention
-from g4seg_core.loading.precision import compute_dtype_for_storage
+from g4seg_core.method.injection import InjectionBatch
 
 from . import attention_patch
+from .clip_vision import comfy_clip_vision_features
 from ..common import escape_prompt
 
 
@@ -63,86 +62,6 @@ def zero_conditioning(positive):
             extra["pooled_output"] = torch.zeros_like(extra["pooled_output"])
         out.append([torch.zeros_like(cond), extra])
     return out
-
-
-def _sdpa_attention(q, k, v, heads, mask=None, **kwargs):
-    """ComfyUI's attention-function signature on PyTorch SDPA (ComfyUI's --cpu default einsum is slow)."""
-    return plain_attention(q, k, v, heads)
-
-
-def run_layers(layers, x):
-    """ComfyUI CLIP encoder layers, one by one, with SDPA attention."""
-    for layer in layers:
-        x = layer(x, None, _sdpa_attention)
-    return x
-
-
-def _run_encoder(encoder, x):
-    """The CLIP encoder layer by layer with SDPA attention; the encoder's own forward if its layout differs."""
-    layers = getattr(encoder, "layers", None)
-    if layers is None:
-        return encoder(x, mask=None, intermediate_output=None)[0]
-    return run_layers(layers, x)
-
-
-def embed_patches(vision, pixels: torch.Tensor, grid, side: int, has_cls: bool) -> torch.Tensor:
-    """Input tokens of ComfyUI's CLIP vision transformer for a `grid` of patches: patch embeddings plus the
-    learned positions interpolated from `side` x `side` (class token first when there is one), pre-norm."""
-    import comfy.ops
-
-    emb = vision.embeddings
-    x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
-    pos = comfy.ops.cast_to_input(emb.position_embedding.weight, x)
-    x = x + interpolate_position_grid(pos[1:] if has_cls else pos, (side, side), tuple(grid))[None]
-    if has_cls:
-        cls_tok = comfy.ops.cast_to_input(emb.class_embedding, x) + pos[0]
-        x = torch.cat([cls_tok.expand(x.shape[0], 1, -1), x], dim=1)
-    return vision.pre_layrnorm(x)
-
-
-def comfy_clip_vision_features(clip_vision) -> DenseCLIPFeatures:
-    """DenseCLIPFeatures running ComfyUI's own CLIP vision transformer on the full image.
-
-    Patch tokens of the last layer -> post_layernorm -> visual_projection, with the learned
-    positional embedding interpolated to the image's patch grid (no centre crop).
-    """
-    outer = getattr(clip_vision, "model", None)
-    vision = getattr(outer, "vision_model", None)
-    emb = getattr(vision, "embeddings", None)
-    if emb is None or not hasattr(emb, "patch_embedding") or not hasattr(emb, "position_embedding"):
-        raise G4SegError("this CLIP_VISION model is not a CLIP/SigLIP ViT (e.g. a DINOv2 or other encoder): "
-                         "load a CLIP ViT with CLIPVisionLoader (ViT-L/14, ViT-H/14, ViT-bigG/14)")
-    import comfy.model_management as mm
-
-    patch = emb.patch_embedding.kernel_size[0]
-    has_cls = getattr(emb, "class_embedding", None) is not None
-    n_pos = emb.position_embedding.weight.shape[0] - (1 if has_cls else 0)
-    side = int(round(n_pos ** 0.5))
-    if side * side != n_pos:
-        raise G4SegError(f"CLIP vision positional embedding has {n_pos} patch positions, not a square grid")
-    projection = getattr(outer, "visual_projection", None)
-    output_layernorm = bool(getattr(vision, "output_layernorm", False))
-
-    def tokens_fn(pixels, grid):
-        x = _run_encoder(vision.encoder, embed_patches(vision, pixels, grid, side, has_cls))
-        if has_cls:
-            x = x[:, 1:]
-        x = vision.post_layernorm(x)
-        if projection is not None and callable(projection) and not output_layernorm:
-            x = projection(x)
-        return x
-
-    mean = getattr(clip_vision, "image_mean", None) or CLIP_MEAN
-    std = getattr(clip_vision, "image_std", None) or CLIP_STD
-    mm.load_model_gpu(clip_vision.patcher)
-    # ComfyUI's manual-cast layers compute in the input's dtype. Its CPU default stores CLIP vision in
-    # fp16, which is very slow to compute in on a CPU: fp32 inputs then, as ComfyUI's own encode_image.
-    # Stored in bf16 (--bf16-text-enc) on a CPU with native bf16, or fp16/bf16 on a GPU: that dtype.
-    device = getattr(clip_vision, "load_device", None)
-    compute = compute_dtype_for_storage(getattr(clip_vision, "dtype", torch.float32),
-                                        device if device is not None else next(outer.parameters()).device)
-    return DenseCLIPFeatures(tokens_fn, patch, outer, name="comfy-clip-vision", mean=mean, std=std,
-                             compute_device=device, compute_dtype=compute)
 
 
 def sample_one_step(model, positive, negative, samples: torch.Tensor, noise: torch.Tensor, timestep: int,
@@ -186,13 +105,11 @@ class ComfyBackend:
     @torch.no_grad()
     def features(self, pixels: torch.Tensor, kind: str = "last_layer") -> torch.Tensor:
         extractor = self.extractor
-        if kind == "naclip":  # NACLIP's last block on the same CLIP_VISION (nodes/comfy/zeroshot.py), built once
+        if kind == "naclip":  # NACLIP's last block on the same CLIP_VISION, built once
             if getattr(self, "_naclip", None) is None:
-                from .zeroshot import comfy_naclip_features
-
                 if self.clip_vision is None:
                     raise G4SegError("clip_features 'naclip' needs a CLIP_VISION model")
-                self._naclip = comfy_naclip_features(self.clip_vision)
+                self._naclip = comfy_clip_vision_features(self.clip_vision, "naclip")
             extractor = self._naclip
         return extractor(pixels.clamp(0, 1)).float().cpu()
 

@@ -4,8 +4,7 @@
   embeddings, one prompt per `clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)`
   call, parentheses escaped (ComfyUI reads "(word:1.2)" as prompt weighting). An SD2.x CLIP is
   OpenCLIP ViT-H/14's text tower with its projection; SDXL's pooled output is clip_g's (bigG).
-* `comfy_naclip_features`: the CLIP_VISION model's transformer with NACLIP's last block (the math
-  is `g4seg_core.zeroshot.neighbourhood`; only the parts of ComfyUI's last layer are picked here).
+(The image tower, CLIP_VISION with NACLIP's last block, is clip_vision.comfy_clip_vision_features.)
 No ComfyUI import at module level.
 """
 
@@ -15,12 +14,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from g4seg_core.models.clip_features import CLIP_MEAN, CLIP_STD, DenseCLIPFeatures
 from g4seg_core.errors import G4SegError
-from g4seg_core.zeroshot.neighbourhood import DEFAULT_SIGMA, LastBlock, neighbourhood_attention
 from g4seg_core.zeroshot.text import NO_PROJECTION, QueryEmbeddings
 
-from .backend import embed_patches, run_layers
 from ..common import Progress, check_interrupt, escape_prompt
 
 COMFY_SD1 = ("this CLIP is SD1.x's text encoder (CLIP ViT-L/14 without its text_projection): its embeddings cannot be "
@@ -99,38 +95,3 @@ def query_embeddings(clip) -> QueryEmbeddings:
         cached.width = tower.width
         _TEXT_CACHE[key] = cached
     return _TEXT_CACHE[key]
-
-
-def comfy_naclip_features(clip_vision, sigma: float = DEFAULT_SIGMA) -> DenseCLIPFeatures:
-    """NACLIP patch embeddings from ComfyUI's CLIP_VISION (a CLIP ViT with CLS token and projection)."""
-    outer = getattr(clip_vision, "model", None)
-    vision = getattr(outer, "vision_model", None)
-    emb = getattr(vision, "embeddings", None)
-    layers = getattr(getattr(vision, "encoder", None), "layers", None)
-    projection = getattr(outer, "visual_projection", None)
-    if emb is None or layers is None or getattr(emb, "class_embedding", None) is None \
-            or getattr(projection, "weight", None) is None or getattr(vision, "output_layernorm", False):
-        raise G4SegError("this CLIP_VISION model is not a CLIP ViT with a class token and a projection (SigLIP, "
-                         "DINOv2 and others are not): load clip_vision_h.safetensors (SD2.x) or "
-                         "clip_vision_g.safetensors (SDXL) with CLIPVisionLoader")
-    import comfy.model_management as mm
-
-    last = layers[-1]
-    attn = last.self_attn
-    block = LastBlock(norm=last.layer_norm1, key=attn.k_proj, value=attn.v_proj, out=attn.out_proj, heads=attn.heads)
-    patch = emb.patch_embedding.kernel_size[0]
-    side = int(round((emb.position_embedding.weight.shape[0] - 1) ** 0.5))
-
-    def tokens_fn(pixels, grid):
-        x = run_layers(layers[:-1], embed_patches(vision, pixels, grid, side, has_cls=True))
-        x = vision.post_layernorm(neighbourhood_attention(x, block, tuple(grid), sigma))[:, 1:]
-        return projection(x)
-
-    mm.load_model_gpu(clip_vision.patcher)
-    mean = getattr(clip_vision, "image_mean", None) or CLIP_MEAN
-    std = getattr(clip_vision, "image_std", None) or CLIP_STD
-    features = DenseCLIPFeatures(tokens_fn, patch, outer, name=f"ComfyUI CLIP_VISION, NACLIP last block (sigma {sigma:g})",
-                                 mean=mean, std=std, compute_device=getattr(clip_vision, "load_device", None),
-                                 compute_dtype=torch.float32)
-    features.width = int(projection.weight.shape[0])
-    return features
