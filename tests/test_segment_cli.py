@@ -110,9 +110,9 @@ def test_class_file_names_collide_loudly():
 def test_segment_with_weight_files(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from test_zeroshot import _sd2_like_file, tiny_visual
+    from test_zeroshot import sd2_like_file, tiny_visual
 
-    text_path, _ = _sd2_like_file(tmp_path)
+    text_path, _ = sd2_like_file(tmp_path)
     vision_path = tmp_path / "tiny_clip_vision.safetensors"
     save_file({"visual." + k: v.contiguous() for k, v in tiny_visual().state_dict().items()}, str(vision_path))
     img = _image(tmp_path / "photo.png")

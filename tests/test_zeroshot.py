@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from g4seg_core.errors import G4SegError
+from g4seg_core.method.resampling import linear_resampling_matrix
 from g4seg_core.zeroshot import neighbourhood as nb
 from g4seg_core.zeroshot import segment as sg
 from g4seg_core.zeroshot import text as tx
@@ -233,7 +234,7 @@ def test_open_clip_text_tower_trimmed_padding_equals_full_context():
     assert torch.allclose(tower(prompts), want, atol=1e-5)
 
 
-def _sd2_like_file(tmp_path, with_projection=True, name="sd2.safetensors"):
+def sd2_like_file(tmp_path, with_projection=True, name="sd2.safetensors"):
     from safetensors.torch import save_file
 
     t = tiny_text()
@@ -252,13 +253,13 @@ def test_text_tower_from_sd2_checkpoint_and_clear_errors(tmp_path):
 
     from g4seg_core.models.tokenizer import G4SegTokenizer
 
-    path, t = _sd2_like_file(tmp_path)
+    path, t = sd2_like_file(tmp_path)
     tower = tx.load_text_tower(path)
     assert tower.width == OUT
     want = t(G4SegTokenizer(pad_token_id=0)("a photo of a dog.")[None])
     assert torch.allclose(tower(["a photo of a dog."]), want, atol=1e-5)
 
-    no_proj, _ = _sd2_like_file(tmp_path, with_projection=False, name="converted.safetensors")
+    no_proj, _ = sd2_like_file(tmp_path, with_projection=False, name="converted.safetensors")
     with pytest.raises(G4SegError, match="no text_projection.*diffusers"):
         tx.load_text_tower(no_proj)
     sd1 = tmp_path / "sd15.safetensors"
@@ -286,10 +287,10 @@ def test_sliding_windows_cover_the_image_with_the_last_flush():
 
 
 @pytest.mark.parametrize("out_size,in_size", [(37, 9), (9, 37), (20, 20), (5, 1)])
-def test_bilinear_matrix_equals_interpolate(out_size, in_size):
+def test_linear_resampling_matrix_equals_interpolate(out_size, in_size):
     x = torch.randn(1, 1, in_size, 3)
     want = F.interpolate(x, size=(out_size, 3), mode="bilinear", align_corners=False)[0, 0]
-    got = sg.bilinear_matrix(out_size, in_size) @ x[0, 0]
+    got = linear_resampling_matrix(in_size, out_size) @ x[0, 0]
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -381,7 +382,7 @@ def test_load_segmenter_end_to_end_on_tiny_files(tmp_path):
 
     from g4seg_core.zeroshot import load_segmenter
 
-    text_path, _ = _sd2_like_file(tmp_path)
+    text_path, _ = sd2_like_file(tmp_path)
     visual = tiny_visual()
     vision_path = tmp_path / "tiny_clip_vision.safetensors"
     save_file({"visual." + k: v.contiguous() for k, v in visual.state_dict().items()}, str(vision_path))

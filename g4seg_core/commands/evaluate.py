@@ -338,10 +338,10 @@ def run_eval(args) -> int:
     refiners: dict = {}
     if todo:
         if any(needs_crf(m) for m in methods):
-            from ..evaluation.densecrf import crf_available, _INSTALL_HINT
+            from ..evaluation.densecrf import crf_available, INSTALL_HINT
 
             if not crf_available():
-                raise G4SegError(_INSTALL_HINT)
+                raise G4SegError(INSTALL_HINT)
         pipeline, models = None, "none (no g4seg method)"
         if any(needs_pipeline(m) for m in methods):
             pipeline, models = build_pipeline(args, config)

@@ -92,15 +92,6 @@ def resize_labels(labels: np.ndarray, size_hw) -> np.ndarray:
 
 
 @dataclass
-class Sample:
-    id: str
-    image_path: Path
-    gt_path: Path
-    coarse_map: Optional[Path] = None                      # a label map
-    coarse_probs: Dict[int, Path] = field(default_factory=dict)  # per-class probability maps
-
-
-@dataclass
 class LoadedSample:
     id: str
     image: np.ndarray                 # uint8 [H, W, 3]

@@ -18,7 +18,7 @@ from ..errors import G4SegError
 
 __all__ = ["dense_crf", "crf_available"]
 
-_INSTALL_HINT = ("DenseCRF needs the optional package pydensecrf2: run `pip install pydensecrf2` "
+INSTALL_HINT = ("DenseCRF needs the optional package pydensecrf2: run `pip install pydensecrf2` "
                  "(or `pip install .[crf]` in the ComfyUI-G4Seg folder)")
 
 
@@ -34,7 +34,7 @@ def _import_dcrf():
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError as exc:
-        raise G4SegError(f"{_INSTALL_HINT} ({exc})") from None
+        raise G4SegError(f"{INSTALL_HINT} ({exc})") from None
     return dcrf
 
 

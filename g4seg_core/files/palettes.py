@@ -31,8 +31,6 @@ VOC_CLASSES: Tuple[str, ...] = (
     "sheep", "sofa", "train", "tvmonitor",
 )
 
-VOC_IGNORE_INDEX = 255
-
 # Common spellings of the VOC names (after normalisation: lower case, "_"/"-" -> " ").
 VOC_ALIASES: Dict[str, str] = {
     "bg": "background",

@@ -43,13 +43,14 @@ def _strip_to(state_dict: Mapping[str, torch.Tensor], anchor: str,
     return None
 
 
-def _layer_count(keys, pattern: str) -> int:
+def layer_count(keys, pattern: str) -> int:
+    """1 + the highest layer index that `pattern` (one group) finds in the keys; 0 when none."""
     regex = re.compile(pattern)
     found = {int(m.group(1)) for m in (regex.match(k) for k in keys) if m}
     return max(found) + 1 if found else 0
 
 
-def _is_openai(state_dict: Mapping, path: Path) -> bool:
+def is_openai_weights(state_dict: Mapping, path: Path) -> bool:
     """OpenAI's CLIP was trained with QuickGELU; their state dicts carry these metadata entries."""
     name = path.name.lower()
     return ("openai" in name or "quickgelu" in name
@@ -71,7 +72,7 @@ def _clip_vision_transformers(vision: Dict[str, torch.Tensor], path: Path, devic
     except KeyError as exc:
         raise G4SegError(f"{path.name}: incomplete CLIP vision weights (missing {exc})") from exc
     grid = math.isqrt(positions - 1)
-    layers = _layer_count(vision, r"vision_model\.encoder\.layers\.(\d+)\.")
+    layers = layer_count(vision, r"vision_model\.encoder\.layers\.(\d+)\.")
     projection = vision.get("visual_projection.weight")
     name = path.name.lower()
     # Activation is not in the weights: OpenAI's ViTs (B, L: width <= 1024) use QuickGELU, LAION's
@@ -112,7 +113,7 @@ def _clip_vision_open_clip(visual: Dict[str, torch.Tensor], path: Path, quick: b
         raise G4SegError(f"{path.name}: not an open_clip ViT image encoder (missing {exc}); ResNet/ConvNeXt "
                          "CLIP models are not supported") from exc
     grid = math.isqrt(positions - 1)
-    layers = _layer_count(visual, r"transformer\.resblocks\.(\d+)\.")
+    layers = layer_count(visual, r"transformer\.resblocks\.(\d+)\.")
     proj = visual.get("proj")
     ratio = mlp / width
     if int(width * ratio) != mlp:  # float round-off (bigG: 8192 / 1664)
@@ -184,7 +185,7 @@ def load_clip_vision(path_or_name: Union[str, Path], device="cpu", dtype: torch.
         return _clip_vision_transformers(vision, path, device, dtype)
     visual = _strip_to(state_dict, "conv1.weight", ("positional_embedding", "class_embedding"))
     if visual is not None:
-        return _clip_vision_open_clip(visual, path, _is_openai(state_dict, path), device, dtype)
+        return _clip_vision_open_clip(visual, path, is_openai_weights(state_dict, path), device, dtype)
     if any(".layer1." in k or "attnpool" in k for k in state_dict):
         raise G4SegError(f"{path.name} is a ResNet CLIP; G4Seg needs a ViT image encoder (ViT-B/16, ViT-L/14, ...)")
     raise G4SegError(f"{path.name} is not a CLIP image encoder G4Seg recognises (expected vision_model.* "
@@ -203,7 +204,7 @@ def _clip_vision_named(name: str, path: Path, device, dtype):
     if not path.is_file():
         raise G4SegError(f"{path} is not a weights file")
     state_dict = load_state_dict_file(path)
-    quick = name.endswith("quickgelu") or _is_openai(state_dict, path)
+    quick = name.endswith("quickgelu") or is_openai_weights(state_dict, path)
     try:
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
     except Exception as exc:

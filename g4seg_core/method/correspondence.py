@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import G4SegError
+from .resampling import linear_resampling_matrix
 
 
 def _check_feature_map(name: str, feats: torch.Tensor) -> None:
@@ -90,12 +91,6 @@ def grid_match_to_pixels(match: torch.Tensor, out_h: int, out_w: int) -> torch.T
     return out[0] if single else out
 
 
-def _linear_operator(n_in: int, n_out: int) -> torch.Tensor:
-    """[n_out, n_in] matrix of 1-D linear resampling, the same as F.interpolate(align_corners=False)."""
-    eye = torch.eye(n_in, dtype=torch.float32)[None]  # each row a unit impulse
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t().contiguous()
-
-
 def match_upsampled_features(query: torch.Tensor, ref: torch.Tensor, grid: int, keys_per_chunk: int = 256,
                              check: bool = True):
     """match_features(resample_features(query, grid), resample_features(ref, grid)), done fast.
@@ -116,7 +111,7 @@ def match_upsampled_features(query: torch.Tensor, ref: torch.Tensor, grid: int, 
         raise G4SegError(f"feature maps differ in shape: {tuple(query.shape)} vs {tuple(ref.shape)}")
     (query, ref), single = _batched(query, ref)
     b, c, h, w = query.shape
-    ay, ax = _linear_operator(h, grid).to(query.device), _linear_operator(w, grid).to(query.device)
+    ay, ax = linear_resampling_matrix(h, grid).to(query.device), linear_resampling_matrix(w, grid).to(query.device)
     # |upsampled key| per key location; F.normalize divides by max(norm, 1e-12)
     key_norms = resample_features(ref.float(), grid).reshape(b, c, -1).norm(dim=1).clamp_min(1e-12)  # [B, G²]
     native = torch.matmul(query.float().reshape(b, c, h * w).transpose(1, 2), ref.float().reshape(b, c, h * w))

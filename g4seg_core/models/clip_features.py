@@ -7,7 +7,6 @@ projected like CLIP's pooled token, then L2-normalised per location.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch

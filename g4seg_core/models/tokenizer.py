@@ -155,9 +155,6 @@ class G4SegTokenizer:
     def __repr__(self) -> str:
         return f"G4SegTokenizer(pad_token_id={self.pad_token_id})"
 
-    def with_pad(self, pad_token_id: int) -> "G4SegTokenizer":
-        return G4SegTokenizer(pad_token_id)
-
     def encode_words(self, text: str) -> List[int]:
         """Token ids of `text` without start/end tokens (used to find a class name in a prompt)."""
         if not isinstance(text, str):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import G4SegError
+from ..method.resampling import linear_resampling_matrix
 from .config import ZeroShotConfig
 from .text import QueryEmbeddings, check_widths
 from .vocabulary import ClassList, parse_classes, template_set
@@ -38,20 +39,6 @@ def sliding_windows(height: int, width: int, window: int, stride: int) -> List[T
         return [(min(i * stride, size - window), min(i * stride, size - window) + window) for i in range(count)]
 
     return [(t, b, l, r) for t, b in starts(height) for l, r in starts(width)]
-
-
-def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
-    """[out, in] weights of 1-D bilinear resampling (align_corners=False, no antialias), as F.interpolate."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    low = src.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    frac = (src - low).to(torch.float32)
-    m = torch.zeros(out_size, in_size)
-    rows = torch.arange(out_size)
-    m.index_put_((rows, low), 1 - frac, accumulate=True)
-    m.index_put_((rows, high), frac, accumulate=True)
-    return m
 
 
 @dataclass
@@ -179,7 +166,7 @@ def _class_probabilities(logits: torch.Tensor, query_labels: torch.Tensor, n_cla
     exactly as one F.interpolate would, without a [Q, H, W] tensor of the whole image.
     """
     q, h, w = logits.shape
-    rows, cols = bilinear_matrix(size_hw[0], h), bilinear_matrix(size_hw[1], w)
+    rows, cols = linear_resampling_matrix(h, size_hw[0]), linear_resampling_matrix(w, size_hw[1])
     out = torch.zeros(n_classes + 1, *size_hw)
     by_cols = torch.einsum("qhw,Ww->qhW", logits, cols)  # [Q, h, W]
     for top in range(0, size_hw[0], row_chunk):

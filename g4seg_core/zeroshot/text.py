@@ -184,7 +184,7 @@ def open_clip_text_from_state_dict(state_dict, source: str, quick_gelu: bool = F
     """Build an open_clip TextTransformer from the shapes of open_clip-format text weights and load them."""
     from open_clip.transformer import QuickGELU, TextTransformer
 
-    from ..loading.clip_loading import _layer_count
+    from ..loading.clip_loading import layer_count
     from ..loading.state_dicts import assign_weights
 
     prefix = _open_clip_text_prefix(state_dict)
@@ -199,7 +199,7 @@ def open_clip_text_from_state_dict(state_dict, source: str, quick_gelu: bool = F
                if k.startswith(prefix) and k[len(prefix):].startswith(_TEXT_PARTS)}
     vocab, width = weights["token_embedding.weight"].shape
     context = int(weights["positional_embedding"].shape[0])
-    layers = _layer_count(weights, r"transformer\.resblocks\.(\d+)\.")
+    layers = layer_count(weights, r"transformer\.resblocks\.(\d+)\.")
     mlp = int(weights["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
     projection = weights.get("text_projection")
     linear = projection is None
@@ -246,7 +246,7 @@ def load_text_tower(path_or_spec: Union[str, Path], device="cpu", dtype: torch.d
     or an SDXL diffusers folder. SD1.x checkpoints and diffusers-converted SD2.x files are errors
     that say what to load instead.
     """
-    from ..loading.clip_loading import _is_openai, split_clip_spec
+    from ..loading.clip_loading import is_openai_weights, split_clip_spec
     from ..loading.state_dicts import load_state_dict_file
 
     name, file = split_clip_spec(path_or_spec)
@@ -256,7 +256,7 @@ def load_text_tower(path_or_spec: Union[str, Path], device="cpu", dtype: torch.d
     if path.is_dir():
         return _diffusers_text(path, device, dtype)
     state_dict = load_state_dict_file(path)
-    quick = bool(name and name.endswith("quickgelu")) or _is_openai(state_dict, path)
+    quick = bool(name and name.endswith("quickgelu")) or is_openai_weights(state_dict, path)
     if any(k.startswith(SD2_TEXT_PREFIX) for k in state_dict) or any(k.startswith(SDXL_TEXT2_PREFIX) for k in state_dict):
         quick = False  # LAION OpenCLIP towers (SD2.x: ViT-H/14, SDXL: ViT-bigG/14) use GELU
     return open_clip_text_from_state_dict(state_dict, path.name, quick, device, dtype)
