@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
@@ -41,9 +40,7 @@ class G4SegCorrespondence:
 
 def features_for(extractor, image_hwc: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
     """[H, W, 3] image resized to size_hw -> [C, h, w] features."""
-    x = image_to_chw(image_hwc)
-    if tuple(x.shape[-2:]) != tuple(size_hw):
-        x = F.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)
+    x = resize_map(image_to_chw(image_hwc)[0], size_hw)[None]
     with torch.no_grad():
         return extractor(x.clamp(0, 1))[0].float().cpu()
 

@@ -17,10 +17,8 @@ from g4seg_core.files.mask_files import (
 )
 from g4seg_core.method.masks import (
     check_same_framing,
-    from_working_size,
     is_binary,
     resize_probability,
-    to_working_size,
     validate_probability,
 )
 from g4seg_core.method.softening import soften_binary
@@ -387,19 +385,6 @@ def test_resize_modes():
         resize_probability(p, (4, 4), "cubic")
     with pytest.raises(G4SegError, match="height, width"):
         resize_probability(p, (0, 4))
-
-
-def test_working_size_round_trip():
-    m = _disk(300, 451, 150, 220, 100)
-    work, orig = to_working_size(m, 512)
-    assert orig == (300, 451) and work.shape == (512, 512)
-    assert is_binary(work)  # auto -> nearest for binary masks
-    soft = np.clip(m * 0.6 + 0.2, 0, 1)
-    work2, _ = to_working_size(soft, (256, 384))
-    assert work2.shape == (256, 384) and not is_binary(work2)
-    back = from_working_size(work, orig)
-    assert back.shape == (300, 451)
-    assert np.mean((back >= 0.5) == (m >= 0.5)) > 0.995
 
 
 # ----------------------------------------------------------------- multi-class

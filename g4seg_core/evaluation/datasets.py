@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import G4SegError
 from ..files.image_files import IMAGE_EXTS, MASK_EXTS
+from ..method.masks import resize_probability
 from .perturb import derive_seed, make_coarse, parse_protocol
 
 
@@ -74,14 +73,6 @@ def load_prob(path: Path) -> np.ndarray:
     from ..files import mask_files
 
     return np.asarray(mask_files.load_probability(str(path)), dtype=np.float32)
-
-
-def resize_prob(prob: np.ndarray, size_hw) -> np.ndarray:
-    if prob.shape == tuple(size_hw):
-        return prob.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=tuple(size_hw), mode="bilinear", align_corners=False)
-    return out[0, 0].clamp_(0, 1).numpy()
 
 
 def resize_labels(labels: np.ndarray, size_hw) -> np.ndarray:
@@ -326,7 +317,7 @@ class VOCStyleDataset:
         elif sid in self._coarse_probs:
             for c, path in sorted(self._coarse_probs[sid].items()):
                 if c != 0:
-                    coarse[c] = resize_prob(load_prob(path), hw)
+                    coarse[c] = resize_probability(load_prob(path), hw)
         else:
             raise G4SegError(f"no coarse mask for {sid} in {self.coarse_dir}")
         if self.classes_from == "gt":

@@ -8,7 +8,7 @@ the fix. Files: mask_files.py; softening: softening.py; label maps: label_maps.p
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -144,23 +144,3 @@ def resize_maps(maps: torch.Tensor, size_hw: Sequence[int], mode: str = "bilinea
     else:
         out = F.interpolate(t, size=(h, w), mode="area")
     return out[:, 0].clamp_(0.0, 1.0)
-
-
-def to_working_size(prob, size: Union[int, Sequence[int]] = 512,
-                    mode: str = "auto") -> Tuple[np.ndarray, Tuple[int, int]]:
-    """Resize a map to the working resolution (SPEC step 1); returns (map, original (H, W)).
-
-    ``size`` is an int (size x size) or (H, W). ``mode="auto"`` uses nearest for binary
-    masks, so they stay binary and are softened at the working size (bilinear would
-    leave a 1-pixel soft rim and make the mask look "soft"), and bilinear otherwise.
-    """
-    arr = validate_probability(prob)
-    target = (int(size), int(size)) if isinstance(size, (int, np.integer)) else check_hw(size)
-    if mode == "auto":
-        mode = "nearest" if is_binary(arr) else "bilinear"
-    return resize_probability(arr, target, mode), (int(arr.shape[0]), int(arr.shape[1]))
-
-
-def from_working_size(prob, original_hw: Sequence[int], mode: str = "bilinear") -> np.ndarray:
-    """Map a working-size result back to the original (H, W) (bilinear by default)."""
-    return resize_probability(prob, check_hw(original_hw, "original size"), mode)
