@@ -184,7 +184,7 @@ def test_refine_classes_gives_one_label_map_in_cli_eval_and_node(stand_ins, tmp_
 
     core = pipe.refine_classes(image, dict(zip(names, maps)), config)
     assert list(core.results) == ["cat", "dog"] and {1, 2} <= set(np.unique(core.labels).tolist())
-    assert calls == [1, 1]  # the node: cat and dog refined (one sampling call per prompt), cow not
+    assert calls == [1, 1]  # the node: cat and dog refined (stand-in prompts do not stack), cow not
     np.testing.assert_array_equal(cli, core.labels)
     np.testing.assert_array_equal(evaluated, core.labels)
     np.testing.assert_array_equal(labels[0].numpy(), core.labels)
