@@ -8,6 +8,7 @@ import torch
 
 from g4seg_core.method import flow
 from g4seg_core.config import G4SegConfig
+from g4seg_core.models.text_encoders import PromptEmbedding
 from g4seg_core.pipeline import G4SegPipeline
 from nodes.comfy import attention_patch, backend as comfy_backend
 from nodes import refine_node
@@ -40,7 +41,7 @@ class StandInCLIP:
 
     def encode_from_tokens_scheduled(self, tokens):
         embedding = self.pipe.prompt_embedding(self.texts[id(tokens)])
-        return [[embedding, {"pooled_output": None}]]
+        return [[embedding.hidden_states, {"pooled_output": None}]]  # cond [1, 77, C], as ComfyUI's
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,12 @@ def stand_ins(monkeypatch, pipe):
         calls.append(samples.shape[0])
         config = G4SegConfig(timestep=timestep, cfg_scale=cfg, seed=seed)
         rows = samples.shape[0]
-        x0 = pipe.denoise(samples * scale, noise, [positive[0][0]] * rows, injection, config,
-                          None if negative is None else negative[0][0])
+        cond = positive[0][0]
+        assert len(positive) == 1 and cond.shape[0] in (1, rows)  # ComfyUI: one cond row per latent, or shared
+        rows_cond = [cond[i % cond.shape[0]][None] for i in range(rows)]
+        embeddings = [PromptEmbedding(c, None, []) for c in rows_cond]
+        x0 = pipe.denoise(samples * scale, noise, embeddings, injection, config,
+                          None if negative is None else PromptEmbedding(negative[0][0], None, []))
         return x0 / scale
 
     monkeypatch.setattr(attention_patch, "model_family", lambda model: "sd21")
@@ -112,14 +117,15 @@ def test_refine_node_one_image_several_masks(stand_ins):
     assert torch.equal(binary, (refined >= 0.5).float())
 
 
-def test_different_prompts_are_sampled_apart(stand_ins):
+def test_different_prompts_share_one_sampling_call(stand_ins):
+    """Rows with different class names are the rows of one batched CONDITIONING: one sampling call."""
     pipe, clip, vae, calls = stand_ins
     (image_a, mask_a), (image_b, mask_b) = _inputs(seed=1), _inputs(seed=2)
     comfy = comfy_backend.ComfyBackend("model", clip, vae, extractor=pipe.clip)
     config = G4SegConfig(size=64, correspondence_grid=0)
     got = flow.refine_batch(comfy, [image_a, image_b], [mask_a, mask_b], ["cat", "dog"], config)
     want = pipe.refine_batch([image_a, image_b], [mask_a, mask_b], ["cat", "dog"], config)
-    assert calls == [1, 1]
+    assert calls == [2]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.prob, w.prob, atol=1e-4)
 
@@ -184,8 +190,22 @@ def test_refine_classes_gives_one_label_map_in_cli_eval_and_node(stand_ins, tmp_
 
     core = pipe.refine_classes(image, dict(zip(names, maps)), config)
     assert list(core.results) == ["cat", "dog"] and {1, 2} <= set(np.unique(core.labels).tolist())
-    assert calls == [1, 1]  # the node: cat and dog refined (stand-in prompts do not stack), cow not
+    assert calls == [2]  # the node: cat and dog refined in one sampling call, cow not
     np.testing.assert_array_equal(cli, core.labels)
     np.testing.assert_array_equal(evaluated, core.labels)
     np.testing.assert_array_equal(labels[0].numpy(), core.labels)
     np.testing.assert_allclose(refined.numpy(), np.stack(list(core.probs.values())), atol=1e-4)
+
+
+def test_batched_conditioning_stacks_rows_and_keeps_apart_what_cannot_stack():
+    cat = [[torch.ones(1, 77, 8), {"pooled_output": torch.ones(1, 4)}]]
+    dog = [[torch.full((1, 77, 8), 2.0), {"pooled_output": torch.full((1, 4), 2.0)}]]
+    long_prompt = [[torch.zeros(1, 154, 8), {"pooled_output": torch.zeros(1, 4)}]]
+    groups = comfy_backend.batched_conditioning([cat, dog, cat])
+    (rows, conditioning), = groups
+    assert rows == [0, 1, 2] and len(conditioning) == 1
+    cond, extra = conditioning[0]
+    assert cond[:, 0, 0].tolist() == [1.0, 2.0, 1.0] and extra["pooled_output"][:, 0].tolist() == [1.0, 2.0, 1.0]
+    assert comfy_backend.batched_conditioning([cat, cat]) == [([0, 1], cat)]  # one object: used as it is
+    groups = comfy_backend.batched_conditioning([cat, long_prompt, dog])
+    assert [rows for rows, _ in groups] == [[0, 2], [1]] and groups[1][1] is long_prompt
