@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # G4Seg on a GPU in one go (a few minutes on an H100/H200-class machine): installs what is
 # missing, runs `g4seg bench --device cuda` (float16 with a float32 reference on the same
-# weights in the same run, batched images per second, peak GPU memory), then the node-vs-core
-# comparison when a ComfyUI checkout is given (COMFYUI_PATH), and prints one summary.
+# weights in the same run; a batch of distinct images, masks and class names against its bare
+# passes; FLOPs and TFLOP/s per stage; torch operators per refine; eager vs --compile), words ->
+# masks (bench/text_to_mask.py: first run with 80 templates, cached runs), then the node-vs-core
+# comparison when a ComfyUI checkout is given (COMFYUI_PATH), and prints one summary table.
 #
 #   bash bench/gpu.sh                                   # all of it
 #   COMFYUI_PATH=~/ComfyUI bash bench/gpu.sh            # with the ComfyUI node comparison
@@ -12,13 +14,15 @@
 # Options: --device DEV (cuda), --dtype D (auto = float16 on CUDA), --size N (512), --batch N (8),
 # --repeats N (3), --out DIR (bench_out/gpu-DATE), --python PY (default: the active venv, else a
 # .venv-gpu made here with the system's packages visible), --checkpoint/--clip FILES for ComfyUI
-# (default: random-weight full-size test models built into OUT), --skip-comfy, --no-install, --dry-run.
+# (default: random-weight full-size test models built into OUT), --skip-comfy, --no-compile (skip eager
+# vs compiled: compiling costs a few minutes), --skip-text (no words -> masks), --no-install, --dry-run.
+# On a CPU the compiled half only traces (torch.compile backend eager): a check of the plumbing.
 # Random weights cost the same compute as real ones; no weights are downloaded.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEVICE=cuda DTYPE=auto SIZE=512 BATCH=8 REPEATS=3 OUT="" PY="" CKPT="" CLIPV=""
-SKIP_COMFY=0 INSTALL=1 DRY=0
+SKIP_COMFY=0 INSTALL=1 DRY=0 COMPILE=1 TEXT=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
@@ -31,9 +35,11 @@ while [ $# -gt 0 ]; do
     --checkpoint) CKPT="$2"; shift 2 ;;
     --clip) CLIPV="$2"; shift 2 ;;
     --skip-comfy) SKIP_COMFY=1; shift ;;
+    --no-compile) COMPILE=0; shift ;;
+    --skip-text) TEXT=0; shift ;;
     --no-install) INSTALL=0; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -77,9 +83,19 @@ fi
 run mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-# ---- the core: chosen dtype + float32 reference, batched images/s, peak memory
+# ---- the core: chosen dtype + float32 reference, distinct batch, FLOPs, operators, eager vs compiled
+COMPILE_ARGS=()
+if [ "$COMPILE" = 1 ]; then
+  COMPILE_ARGS=(--compile)
+  [ "${DEVICE%%:*}" = cuda ] || COMPILE_ARGS+=(--compile-backend eager)  # no CUDA graphs: trace only
+fi
 run "$PY" -m g4seg_core.commands.main bench --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --batch "$BATCH" \
-    --repeats "$REPEATS" --json "$OUT/core.json"
+    --repeats "$REPEATS" ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"} --json "$OUT/core.json"
+
+# ---- words -> masks: full-size ViT-H/14 towers, first run (80 templates) and cached runs
+if [ "$TEXT" = 1 ]; then
+  run "$PY" "$ROOT/bench/text_to_mask.py" --device "$DEVICE" --repeats "$REPEATS" --json "$OUT/text.json"
+fi
 
 # ---- the ComfyUI node against the core on the same files
 if [ -n "$COMFY" ]; then
@@ -90,6 +106,10 @@ if [ -n "$COMFY" ]; then
   fi
   run env COMFYUI_PATH="$COMFY" "$PY" "$ROOT/bench/compare_comfyui.py" --checkpoint "$CKPT" --clip "$CLIPV" \
       --comfy-python "$PY" --device "$DEVICE" --size "$SIZE" --rounds 1 --runs 3 --json "$OUT/comfyui.json"
+  if [ "$TEXT" = 1 ]; then  # G4SegTextToMask's text tower: batched token rows vs one prompt per call
+    run env COMFYUI_PATH="$COMFY" "$PY" "$ROOT/bench/comfy_text.py" --device "${DEVICE%%:*}" --repeats "$REPEATS" \
+        --json "$OUT/comfy_text.json"
+  fi
 fi
 
 [ "$DRY" = 1 ] && exit 0

@@ -36,6 +36,7 @@ class G4SegPipeline:
             self.components.vae.to(memory_format=torch.channels_last)
         self.clip = clip.to(self.device, self.dtype)
         self._prompt_cache: "OrderedDict[str, object]" = OrderedDict()
+        self.compiled: List[str] = []  # parts compiled by compile() (models/compiled.py)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -68,6 +69,17 @@ class G4SegPipeline:
 
         return cls(tiny_sd_components(family=family, prediction_type=prediction_type, seed=seed),
                    tiny_clip_features(seed=seed), device=device, dtype=dtype)
+
+    def compile(self, backend: str = "inductor") -> List[str]:
+        """--compile: the VAE and CLIP image tower through torch.compile with CUDA graphs (CUDA only;
+        models/compiled.py says what is compiled and why the UNet is not). Returns the parts compiled."""
+        from .models.compiled import check_device, compile_models
+
+        if backend == "inductor":
+            check_device(self.device)
+        if not self.compiled:
+            self.compiled = compile_models(self.components, self.clip, backend=backend)
+        return self.compiled
 
     # ---- the backend interface of flow.py ---------------------------------------------------
     def sync(self) -> None:

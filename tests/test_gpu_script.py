@@ -29,8 +29,11 @@ def test_dry_run_plans_install_bench_and_comfy(tmp_path):
     assert any(f"pip install -q -r {comfy}/requirements.txt" in line for line in lines)
     bench = next(line for line in lines if "g4seg_core.commands.main bench" in line)
     assert "--device cuda --dtype auto --size 512 --batch 8" in bench
+    assert "--compile --json" in bench  # eager vs compiled, with CUDA graphs (inductor)
+    assert any("bench/text_to_mask.py --device cuda" in line for line in lines)
     assert any("make_test_comfy_models.py --size full" in line for line in lines)
     assert any("compare_comfyui.py" in line and "--device cuda" in line for line in lines)
+    assert any("bench/comfy_text.py --device cuda" in line for line in lines)
     assert not (tmp_path / "o").exists()  # a dry run runs nothing
 
 
@@ -40,6 +43,15 @@ def test_cpu_override_without_install_or_comfy(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "pip install" not in out.stdout and "compare_comfyui" not in out.stdout
     assert "--device cpu --dtype auto --size 64" in out.stdout
+    assert "--compile --compile-backend eager" in out.stdout  # no CUDA graphs on a CPU: the tracing only
+    assert "bench/text_to_mask.py --device cpu" in out.stdout
+
+
+def test_compile_and_text_can_be_left_out(tmp_path):
+    out = _run("--dry-run", "--no-install", "--skip-comfy", "--no-compile", "--skip-text", "--python", sys.executable,
+               "--out", str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr
+    assert "--compile" not in out.stdout and "text_to_mask" not in out.stdout
 
 
 @pytest.mark.parametrize("args,env,fragment", [

@@ -31,31 +31,46 @@ def test_declarations_and_widget_order():
 
 
 class FakeTower(torch.nn.Module):
-    """Looks like ComfyUI's SDClipModel far enough for the checks: transformer.text_projection.weight."""
+    """Looks like ComfyUI's SDClipModel far enough: transformer.text_projection.weight, and encode(rows of token
+    ids) -> (None, pooled [N, D]) computed by a core text tower on the prompts the ids stand for."""
 
-    def __init__(self, width, weight=None):
+    def __init__(self, width, weight=None, core=None, prompts=None):
         super().__init__()
         self.transformer = torch.nn.Module()
         self.transformer.text_projection = torch.nn.Linear(width, width, bias=False)
         if weight is not None:
             self.transformer.text_projection.weight.data.copy_(weight)
+        self.core, self.prompts, self.batches = core, prompts, []
+
+    def encode(self, rows):
+        self.batches.append(len(rows))
+        return None, self.core([self.prompts[row[1]] for row in rows])
 
 
 class FakeClip:
-    """A ComfyUI CLIP stand-in whose pooled output comes from a core text tower."""
+    """A ComfyUI CLIP stand-in whose pooled output comes from a core text tower: tokenize gives one 77-token
+    row [start, prompt number, end, pad...] per prompt (ComfyUI's shape), encode_from_tokens one prompt."""
 
     def __init__(self, tower, attr="clip_h", projection=None):
         self.core = tower
-        self.cond_stage_model = types.SimpleNamespace(**{attr: FakeTower(tower.width, projection)})
+        self.prompts = []
+        self.tower = FakeTower(tower.width, projection, tower, self.prompts)
+        self.cond_stage_model = types.SimpleNamespace(**{attr: self.tower}, reset_clip_options=lambda: None,
+                                                      set_clip_options=lambda options: None)
+        self.patcher = types.SimpleNamespace(load_device="cpu")
+        self.layer_idx = None
         self.seen = []
 
     def tokenize(self, text):
         self.seen.append(text)
-        return {"h": text}
+        self.prompts.append(text.replace("\\(", "(").replace("\\)", ")"))
+        return {"h": [[(49406, 1.0), (len(self.prompts) - 1, 1.0), (49407, 1.0)] + [(0, 1.0)] * 74]}
+
+    def load_model(self):
+        return self.patcher
 
     def encode_from_tokens(self, tokens, return_pooled=False):
-        text = tokens["h"].replace("\\(", "(").replace("\\)", ")")
-        return None, self.core([text])
+        return None, self.core([self.prompts[tokens["h"][0][1][0]]])
 
 
 def _core():
@@ -82,9 +97,20 @@ def test_text_to_mask_equals_the_core_on_the_same_towers():
         assert np.array_equal(labels[b].numpy(), want.labels)
     picture = tn.label_map_image(labels)
     assert picture.shape == (2, 40, 56, 3) and float(picture.max()) <= 1
+    assert max(clip.tower.batches) > 1  # prompts go through the tower in batches, not one per call
     calls = len(clip.seen)
     tn.text_to_mask(clip, None, image[:1], "cat", config, features=features)
     assert len(clip.seen) == calls  # query embeddings cached per text encoder
+
+
+def test_text_tower_batches_equal_one_prompt_per_call():
+    _, tower = _core()
+    comfy = cz.ComfyTextTower(FakeClip(tower), batch_size=3)
+    prompts = [f"a photo of a {w}." for w in ("cat", "dog", "potted plant (indoor)", "sky", "wall", "tree", "sofa")]
+    batched = comfy(prompts)
+    assert comfy.tower.batches == [3, 3, 1]
+    one_by_one = torch.stack([comfy.encode_one(p) for p in prompts])
+    assert batched.shape == (7, tower.width) and torch.allclose(batched, one_by_one, atol=1e-5)
 
 
 def test_missing_projection_sd1_and_width_errors():

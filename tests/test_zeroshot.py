@@ -414,3 +414,25 @@ def test_clip_features_option_uses_the_naclip_block_for_the_correspondence():
     a = pipe.refine(image, mask, "cat", G4SegConfig(size=64, correspondence_grid=0))
     b = pipe.refine(image, mask, "cat", G4SegConfig(size=64, correspondence_grid=0, clip_features="naclip"))
     assert a.prob.shape == b.prob.shape and not np.array_equal(a.prob, b.prob)
+
+
+@torch.no_grad()
+def test_text_tower_batches_equal_one_prompt_per_call():
+    t = tiny_text()
+    prompts = [tpl.format(w) for w in ("cat", "potted plant", "sky") for tpl in ("a photo of a {}.", "art of the {}.")]
+    tower = tx.OpenCLIPTextTower(t, batch_size=4)  # chunks of 4 and 2, each padded to its own longest prompt
+    one_by_one = torch.cat([tower([p]) for p in prompts])
+    assert torch.allclose(tower(prompts), one_by_one, atol=1e-5)
+
+
+def test_window_batches_equal_one_window_per_call():
+    feats, tower = PixelFeatures(), fake_tower()
+    image = torch.rand(1, 3, 96, 160)
+    text, _ = sg.ZeroShotSegmenter(feats, tower).query_embeddings(parse_classes("cat, dog", background="sky"))
+    got = {}
+    for batch in (1, 4, 64):
+        seg = sg.ZeroShotSegmenter(feats, tower, sg.ZeroShotConfig(window=64, stride=32, window_batch=batch))
+        feats.calls.clear()
+        got[batch], n = seg._window_logits(image, text, None)
+        assert len(feats.calls) == -(-n // batch)  # windows per vision call as asked
+    assert torch.allclose(got[1], got[4], atol=1e-5) and torch.allclose(got[1], got[64], atol=1e-5)

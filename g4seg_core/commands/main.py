@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None,
                    help="also time refine_batch on this many images, for images per second (default: 8 on a GPU, "
                         "off on CPU; 0 turns it off)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure with --compile's parts compiled (CUDA graphs), and the bare UNet compiled")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "eager"),
+                   help="torch.compile backend for --compile: inductor (CUDA only); eager traces without compiling "
+                        "and runs anywhere: a check of the plumbing, not a speed-up")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_bench)
 

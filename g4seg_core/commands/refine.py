@@ -49,6 +49,9 @@ def add_refine_parser(sub) -> None:
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose outputs an earlier run with the same parameters and models completed "
                         "(rerun a folder after fixing its failures)")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA only: run the VAE and CLIP image tower through torch.compile with CUDA graphs (the "
+                        "first image of each size compiles for a minute; docs/BENCHMARKS.md says what it wins)")
     add_model_arguments(p)
     add_config_arguments(p)
     p.set_defaults(func=cmd_refine)
@@ -157,8 +160,9 @@ _KEEP_DECODED_BYTES = 1 << 30
 
 def cmd_refine(args) -> int:
     from ..files.output_files import prepare_output_dir, refuse_overwriting_inputs
-    from ..loading.precision import dtype_name
+    from ..loading.precision import default_device, dtype_name
     from ..method.softening import uniform_map_warning
+    from ..models.compiled import check_device as check_compile_device
 
     config = config_from_args(args)
     check_given_model_paths(args)
@@ -194,7 +198,12 @@ def cmd_refine(args) -> int:
                      else None,
                      has_outputs=lambda pair: output_files(out_dir, pair[0].stem)["report"].exists())
     if todo:
+        if args.compile:  # before the models load: a CPU run is refused at once
+            check_compile_device("cpu" if args.selfcheck else default_device(args.device))
         pipe, models = build_pipeline(args, config)
+        if args.compile:
+            print(f"g4seg: compiling {', '.join(pipe.compile())} (the first image of each size takes longer)",
+                  file=sys.stderr)
 
         def work(pair):
             image_path, mask_path = pair

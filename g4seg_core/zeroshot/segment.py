@@ -91,31 +91,42 @@ class ZeroShotSegmenter:
         return emb, torch.tensor([label for _, label in queries])
 
     def _window_logits(self, image: torch.Tensor, text: torch.Tensor, progress: Optional[Callable]):
-        """Averaged window logits [Q, h, w] of one [1, 3, h, w] image at the working size."""
+        """Averaged window logits [Q, h, w] of one [1, 3, h, w] image at the working size.
+
+        Up to `window_batch` windows go through the vision model in one call, and their logits are
+        computed, resized and summed as one batch on the model's device (one copy to the host at
+        the end, no device round trip per window)."""
         c = self.config
         _, _, h, w = image.shape
         windows = sliding_windows(h, w, c.window, c.stride)
-        total = torch.zeros(text.shape[0], h, w)
-        count = torch.zeros(1, h, w)
+        total = count = queries = None
         for start in range(0, len(windows), c.window_batch):
             group = windows[start:start + c.window_batch]
-            sizes = {(b - t, r - l) for t, b, l, r in group}
             crops = [image[:, :, t:b, l:r] for t, b, l, r in group]
             # equal-sized windows go through the model together; odd ones (small images) one by one
-            batches = [torch.cat(crops)] if len(sizes) == 1 else crops
-            feats = [f for batch in batches for f in self.features(batch).float().cpu()]
-            for (t, b, l, r), feat in zip(group, feats):
-                if not self.checked_width:
-                    check_widths(text.shape[1], feat.shape[0], getattr(self.text, "name", "text encoder"),
-                                 getattr(self.features, "name", "CLIP vision model"))
-                    self.checked_width = True
-                logits = c.logit_scale * torch.einsum("dhw,qd->qhw", feat, text)
-                logits = F.interpolate(logits[None], size=(b - t, r - l), mode="bilinear", align_corners=False)[0]
-                total[:, t:b, l:r] += logits
-                count[:, t:b, l:r] += 1
+            if len({(b - t, r - l) for t, b, l, r in group}) == 1:
+                batches = [(group, torch.cat(crops))]
+            else:
+                batches = [([window], crop) for window, crop in zip(group, crops)]
+            for members, pixels in batches:
+                feats = self.features(pixels).float()  # [G, D, gh, gw] on the model's device
+                if total is None:
+                    if not self.checked_width:
+                        check_widths(text.shape[1], feats.shape[1], getattr(self.text, "name", "text encoder"),
+                                     getattr(self.features, "name", "CLIP vision model"))
+                        self.checked_width = True
+                    queries = text.to(feats.device, torch.float32)
+                    total = torch.zeros(text.shape[0], h, w, device=feats.device)
+                    count = torch.zeros(1, h, w, device=feats.device)
+                t, b, l, r = members[0]
+                logits = c.logit_scale * torch.einsum("gdhw,qd->gqhw", feats, queries)
+                logits = F.interpolate(logits, size=(b - t, r - l), mode="bilinear", align_corners=False)
+                for (t, b, l, r), window_logits in zip(members, logits):
+                    total[:, t:b, l:r] += window_logits
+                    count[:, t:b, l:r] += 1
             if progress is not None:
                 progress(len(group))
-        return total / count, len(windows)
+        return (total / count).cpu(), len(windows)
 
     @torch.no_grad()
     def segment(self, image, classes, progress: Optional[Callable[[int], None]] = None,

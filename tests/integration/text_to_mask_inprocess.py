@@ -112,6 +112,17 @@ def main(workdir):
            "prob_max_diff": float(np.abs(masks.cpu().numpy() - want.probs).max()),
            "label_agreement": float((pack_nodes_labels(label_map) == want.labels).mean())}
 
+    # the node's text tower batches token rows: equal to ComfyUI's own one-prompt encode_from_tokens
+    from nodes.comfy.zeroshot import ComfyTextTower
+
+    tower = ComfyTextTower(clip, batch_size=4)
+    prompts = [f"a photo of a {w}." for w in ("cat", "potted plant (indoor)", "person", "sky", "wall", "grass")]
+    with torch.inference_mode():
+        batched = tower(prompts)
+        one_by_one = torch.stack([tower.encode_one(p) for p in prompts])
+    out["text_batched_vs_one_by_one_max_diff"] = float((batched - one_by_one).abs().max())
+    out["text_scale"] = float(one_by_one.abs().max())
+
     # a checkpoint without text_projection (diffusers-converted): ComfyUI leaves it uninitialised
     no_proj = {k: v for k, v in text_sd.items() if not k.endswith("text_projection")}
     clip2, _ = comfy_clip(no_proj)
