@@ -153,14 +153,14 @@ class G4SegPipeline:
         z_t = add_noise(z0.float(), noise.to(z0.device), alpha_bar)
         height, width = (s * comps.vae_downsample for s in z0.shape[-2:])
         hidden = torch.cat([e.hidden_states.to(self.device, unet.dtype) for e in embeddings])
-        kwargs = _concat_kwargs([comps.unet_kwargs(e, height, width) for e in embeddings])
+        kwargs = concat_unet_kwargs([comps.unet_kwargs(e, height, width) for e in embeddings])
         latents = z_t
         apply_to = None
         if config.cfg_scale != 1.0:
             if negative is None:
                 raise G4SegError("internal: CFG needs the negative prompt's embedding")
             hidden = torch.cat([negative.hidden_states.to(hidden).expand(batch, -1, -1), hidden])
-            kwargs = _concat_kwargs([comps.unet_kwargs(negative, height, width)] * batch + [kwargs])
+            kwargs = concat_unet_kwargs([comps.unet_kwargs(negative, height, width)] * batch + [kwargs])
             latents = torch.cat([z_t, z_t])
             apply_to = [False] * batch + [True] * batch  # uncond rows first, by construction
         timestep = torch.full((latents.shape[0],), t, device=self.device)
@@ -197,7 +197,7 @@ class G4SegPipeline:
         return refine_classes(self, image, masks, config, class_indices)
 
 
-def _concat_kwargs(parts: Sequence[dict]) -> dict:
+def concat_unet_kwargs(parts: Sequence[dict]) -> dict:
     """Batch unet_kwargs dicts along the batch axis (SDXL's added_cond_kwargs hold tensors)."""
     if not parts or not parts[-1]:
         return {}

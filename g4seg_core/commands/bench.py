@@ -95,14 +95,14 @@ def _median_stages(results) -> dict:
 def bare_calls(pipe, pixels: torch.Tensor, labels: Sequence[str], config, latent: torch.Tensor) -> Dict[str, Callable]:
     """The bare model passes of one batch as callables (BARE_STAGES): VAE encode of `pixels`, the UNet
     without injection and the VAE decode on `latent`, one CLIP pass on `pixels`; one prompt per label."""
-    from ..pipeline import _concat_kwargs
+    from ..pipeline import concat_unet_kwargs
 
     comps = pipe.components
     unet = comps.unet
     embeddings = [pipe.token_positions(label, config)[1] for label in labels]
     hidden = torch.cat([e.hidden_states.to(pipe.device, unet.dtype) for e in embeddings])
     height, width = (s * comps.vae_downsample for s in latent.shape[-2:])
-    kwargs = _concat_kwargs([comps.unet_kwargs(e, height, width) for e in embeddings])
+    kwargs = concat_unet_kwargs([comps.unet_kwargs(e, height, width) for e in embeddings])
     timestep = torch.tensor([config.timestep] * latent.shape[0], device=pipe.device)
     latent = latent.to(pipe.device)
 
