@@ -45,7 +45,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `eval` (and `eval-merge`) to an argparse subparsers object."""
     p = subparsers.add_parser(
         "eval", help="score refiners on a VOC-style dataset (mIoU, Boundary IoU, mBA, Table VII buckets)",
-        description="Refine every class of every image with each --method, fuse, and score against the "
+        description="Refine every class of every image with each of --methods, fuse, and score against the "
                     "ground truth. Results are appended to OUT/results*.jsonl as they finish (an "
                     "interrupted run resumes), then OUT/summary.json, summary.csv, report.html, grid.png.")
     p.add_argument("data", nargs="?", help="VOC-style folder: JPEGImages/, SegmentationClass/, "

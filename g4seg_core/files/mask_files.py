@@ -53,9 +53,9 @@ def load_probability(path: PathLike) -> np.ndarray:
     mode = img.mode
     if mode == "P" or mode == "PA":
         raise G4SegError(
-            f"{path!r} is a palette (indexed-colour) PNG, i.e. a label map with class indices. "
-            f"Load it with load_label_map and choose the class to refine "
-            f"(class_probability_from_label_map, or set the class option, e.g. class 'cat' or 8)")
+            f"{path!r} is a palette (indexed-colour) PNG, i.e. a label map with class indices: choose the class "
+            f"to refine (g4seg refine --mask-class cat, or an index such as 8; in ComfyUI, Load Coarse Mask (G4Seg)'s "
+            f"class_index_or_name; in Python, label_maps.class_probability_from_file)")
     if mode == "1":
         return np.asarray(img, dtype=bool).astype(np.float32)
     if mode in ("L", "LA"):
@@ -77,8 +77,9 @@ def load_probability(path: PathLike) -> np.ndarray:
             raise G4SegError(
                 f"{path!r} is a colour image (its R, G and B channels differ), so it looks like a "
                 f"colour/palette segmentation or a photo, not a grayscale probability mask. For a "
-                f"coloured label map (e.g. VOC colours) use load_label_map and choose the class "
-                f"(class option); for a mask, save it as a grayscale PNG (white = foreground)")
+                f"coloured label map (e.g. VOC colours) choose the class (g4seg refine --mask-class cat or 8; "
+                f"Load Coarse Mask (G4Seg)'s class_index_or_name); for a mask, save it as a grayscale PNG "
+                f"(white = foreground)")
         return _from_8bit(rgb[..., 0])
     raise G4SegError(f"{path!r} has image mode {mode!r}, which is not a mask format; save the "
                      f"mask as an 8- or 16-bit grayscale PNG (white = foreground)")

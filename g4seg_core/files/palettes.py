@@ -128,7 +128,11 @@ def parse_class_choice(text: Union[str, int]) -> int:
     if re.fullmatch(r"[+-]?[\d.eE+-]+", raw):
         raise G4SegError(f"class {raw!r}: a class index is a whole number 0..254 (or give a VOC name "
                          f"such as 'cat')")
-    return voc_class_index(raw)
+    try:
+        return voc_class_index(raw)
+    except G4SegError:  # voc_class_index speaks of VOC's indices 0..20; here any label 0..254 is taken
+        raise G4SegError(f"{raw!r} is not a PASCAL VOC class name ({', '.join(VOC_CLASSES)}; aliases such as "
+                         "airplane, tv, couch are accepted): give one, or a class index 0..254") from None
 
 
 # --------------------------------------------------------------------------- ADE20K

@@ -54,6 +54,9 @@ VOC_CLASS_LIST = ("aeroplane|airplane, bicycle, bird, boat|ship, bottle, bus, ca
 CLASS_LIST_SHORTCUTS = {"voc": VOC_CLASS_LIST}
 
 
+BACKGROUND_NAME = "background"  # label 0's name in reports (label_fractions) and label-map PNGs
+
+
 def _norm(word: str) -> str:
     return " ".join(word.strip().lower().split())
 
@@ -123,6 +126,10 @@ def parse_classes(text: str, background="voc") -> ClassList:
         if any(not n for n in names):
             raise G4SegError(f"class {item.strip()!r} has an empty synonym: write 'sofa|couch', not 'sofa|'")
         for name in names:
+            if name == BACKGROUND_NAME:
+                raise G4SegError(f"'{BACKGROUND_NAME}' names label 0 (what no class covers), so it cannot be a class: "
+                                 "name the class something else (e.g. 'backdrop'), or set the background words "
+                                 "instead (--background / the background input)")
             if name in seen:
                 raise G4SegError(f"{name!r} is listed twice (classes {seen[name]!r} and {item.strip()!r}): "
                                  "give each name once; join synonyms of one class with '|'")
