@@ -91,14 +91,14 @@ def test_load_colour_rgb_errors(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "c.png")
     with pytest.raises(G4SegError, match="colour") as e:
         load_probability(tmp_path / "c.png")
-    assert "load_label_map" in str(e.value) and "class" in str(e.value)
+    assert "--mask-class" in str(e.value) and "class_index_or_name" in str(e.value)  # what a user can set
 
 
 def test_load_palette_png_errors(tmp_path):
     save_label_map_png(np.array([[0, 8]], dtype=np.uint8), tmp_path / "p.png")
-    with pytest.raises(G4SegError, match="load_label_map") as e:
+    with pytest.raises(G4SegError, match="palette") as e:
         load_probability(tmp_path / "p.png")
-    assert "class" in str(e.value)
+    assert "--mask-class" in str(e.value) and "class_index_or_name" in str(e.value)
 
 
 def test_load_npy(tmp_path):
