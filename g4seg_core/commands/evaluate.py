@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..errors import G4SegError
-from .folder_run import FolderRun
+from .folder_run import FolderRun, device_for_rank, shard_from_env
 from ..files.output_files import atomic_write_text, os_error_message, prepare_output_dir
 from ..evaluation.runner import (
     JsonlWriter,
@@ -98,17 +98,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def shard_from_env(env=None) -> Optional[Tuple[int, int]]:
-    env = os.environ if env is None else env
-    for rk, ws in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
-        if env.get(rk, "").strip() and env.get(ws, "").strip():
-            try:
-                return int(env[rk]), int(env[ws])
-            except ValueError:
-                pass
-    return None
-
 
 def resolve_shard(args) -> Tuple[int, int, bool]:
     """(index, count, from_env)."""
@@ -273,11 +262,8 @@ def run_eval(args) -> int:
     from ..evaluation.datasets import VOCStyleDataset, read_class_names
 
     index, count, from_env = resolve_shard(args)
-    if from_env and not args.device and os.environ.get("LOCAL_RANK", "").strip():
-        import torch
-
-        if torch.cuda.is_available():
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if from_env:
+        device_for_rank(args)
     config = config_from_args(args)
     bg_power = float(config.bg_power)  # --bg-power is a config knob flag
     methods = _methods(args.methods)

@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, TypeVar
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from ..errors import G4SegError
 from ..files.image_files import IMAGE_EXTS
@@ -35,15 +37,50 @@ def item_error(exc: BaseException) -> str:
     return os_error_message(exc) if isinstance(exc, OSError) else str(exc)
 
 
+# ---- scale-out: torchrun / accelerate start one process per GPU and set RANK and WORLD_SIZE -------------
+def shard_from_env(env=None) -> Optional[Tuple[int, int]]:
+    """(this process's index, number of processes) under torchrun / accelerate, else None."""
+    env = os.environ if env is None else env
+    for rk, ws in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+        if env.get(rk, "").strip() and env.get(ws, "").strip():
+            try:
+                return int(env[rk]), int(env[ws])
+            except ValueError:
+                pass
+    return None
+
+
+def device_for_rank(args) -> None:
+    """Under torchrun without --device: each process on its own GPU (cuda:LOCAL_RANK)."""
+    if getattr(args, "device", None) or not os.environ.get("LOCAL_RANK", "").strip():
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+
+
 def _some(names: List[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 class FolderRun:
-    def __init__(self, command: str, folder: bool, rerun_hint: str = "rerun with --skip-existing to do just those"):
+    """report: the run report of a folder run (None: none is written). shard: (index, count) when the run is
+    split over processes (torchrun / accelerate, or RANK and WORLD_SIZE set by hand): each takes every
+    count-th item, writes REPORT.rank<index>.json, and process 0 merges them into the one run report."""
+
+    def __init__(self, command: str, folder: bool, rerun_hint: str = "rerun with --skip-existing to do just those",
+                 report: Optional[Path] = None, shard: Optional[Tuple[int, int]] = None):
         self.command = command
         self.folder = folder
         self.rerun_hint = rerun_hint
+        self.report = report if folder else None
+        self.index, self.count = shard if shard is not None else (0, 1)
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise G4SegError(f"process {self.index} of {self.count}: RANK must be 0..WORLD_SIZE-1")
+        self.run_id = os.environ.get("TORCHELASTIC_RUN_ID")  # set by torchrun (and accelerate launch)
+        if self.report is not None and self.count > 1:
+            self._rank_report(self.index).unlink(missing_ok=True)  # this process's report of an earlier run
         self.done: List[str] = []
         self.skipped: List[str] = []
         self.failed: Dict[str, str] = {}
@@ -63,6 +100,16 @@ class FolderRun:
     @property
     def total(self) -> int:
         return len(set(self.done) | set(self.skipped) | set(self.failed))
+
+    def _rank_report(self, index: int) -> Path:
+        return self.report.with_name(f"{self.report.stem}.rank{index}{self.report.suffix}")
+
+    def my_share(self, items: List[Item]) -> List[Item]:
+        """This process's items: every count-th one (all of them when the run is not split)."""
+        if self.count > 1:
+            print(f"g4seg {self.command}: process {self.index} of {self.count}: {len(items[self.index::self.count])} "
+                  f"of {len(items)} image(s)", file=sys.stderr)
+        return list(items[self.index::self.count])
 
     # -- the two passes
     def check(self, items: Iterable[Item], name_of: Callable[[Item], str], check: Callable[[Item], object],
@@ -123,15 +170,55 @@ class FolderRun:
         return {"command": self.command, "images": self.total, "done": self.done, "skipped": self.skipped,
                 "failed": [{"image": k, "error": v} for k, v in sorted(self.failed.items())]}
 
-    def finish(self, report: Optional[Path] = None) -> int:
-        """Write the run report (a folder run), print the counts and the failures; the exit status."""
+    def finish(self) -> int:
+        """Write the run report (a folder run), print the counts and the failures; the exit status. A split run:
+        each process writes its own report; process 0 waits for the others' (under torchrun) and merges them."""
+        report = self.report
         if self.folder:
-            if report is not None:
+            if report is not None and self.count > 1:
+                atomic_write_text(self._rank_report(self.index), json.dumps({**self.summary(), "run_id": self.run_id,
+                                                                             "process": self.index}, indent=2))
+            elif report is not None:
                 atomic_write_text(report, json.dumps(self.summary(), indent=2))
+            where = self._rank_report(self.index) if report is not None and self.count > 1 else report
             print(f"g4seg {self.command}: {self.total} image(s): {len(self.done)} done, {len(self.skipped)} skipped, "
-                  f"{len(self.failed)} failed" + (f" -> {report}" if report is not None else ""), file=sys.stderr)
+                  f"{len(self.failed)} failed" + (f" -> {where}" if where is not None else ""), file=sys.stderr)
         self.print_failures()
-        return 1 if self.failed else 0
+        status = 1 if self.failed else 0
+        if report is not None and self.count > 1 and self.index == 0:
+            status = max(status, self._merge(report))
+        return status
+
+    def _merge(self, report: Path) -> int:
+        """Process 0: the reports of every process into the one run report (waits for them under torchrun)."""
+        deadline = time.monotonic() + (86400.0 if self.run_id else 0.0)
+        while True:
+            parts, missing = [], []
+            for i in range(self.count):
+                try:
+                    part = json.loads(self._rank_report(i).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    part = None
+                if not isinstance(part, dict) or part.get("run_id") != self.run_id:
+                    missing.append(i)
+                else:
+                    parts.append(part)
+            if not missing:
+                break
+            if time.monotonic() >= deadline:
+                print(f"g4seg {self.command}: processes {missing} have not finished; their images are not in "
+                      f"{report} yet (rerun process 0 when they have)", file=sys.stderr)
+                return 0
+            time.sleep(2.0)
+        merged = {"command": self.command, "processes": self.count,
+                  "images": sum(int(p.get("images", 0)) for p in parts)}
+        for key in ("done", "skipped", "failed"):
+            merged[key] = [x for p in parts for x in p.get(key, [])]
+        atomic_write_text(report, json.dumps(merged, indent=2))
+        print(f"g4seg {self.command}: all {self.count} processes: {merged['images']} image(s): "
+              f"{len(merged['done'])} done, {len(merged['skipped'])} skipped, {len(merged['failed'])} failed "
+              f"-> {report}", file=sys.stderr)
+        return 1 if merged["failed"] else 0
 
     def print_failures(self) -> None:
         if self.failed:

@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 
 from ..errors import G4SegError
 from ..files.image_files import MASK_EXTS, files_by_stem
-from .folder_run import FOLDER_IMAGE_EXTS, FolderRun
+from .folder_run import FOLDER_IMAGE_EXTS, FolderRun, device_for_rank, shard_from_env
 from .options import (
     add_config_arguments,
     add_model_arguments,
@@ -180,8 +180,9 @@ def cmd_refine(args) -> int:
     out_dir = prepare_output_dir(args.out)
 
     # Every pair is read and checked before any model loads; a folder run goes on without bad ones.
-    run = FolderRun("refine", folder)
-    run.fail_all(unpaired)
+    run = FolderRun("refine", folder, report=out_dir / RUN_REPORT, shard=shard_from_env())
+    device_for_rank(args)
+    run.fail_all({n: unpaired[n] for n in sorted(unpaired)[run.index::run.count]})
     name = lambda pair: pair[0].name  # noqa: E731
     # The check decodes each pair; what it decoded is kept for the run (each file decoded once) while the
     # kept pixels stay under _KEEP_DECODED_BYTES; beyond that, a folder's later pairs are decoded again.
@@ -192,7 +193,7 @@ def cmd_refine(args) -> int:
         if sum(a.nbytes + b.nbytes for a, b in decoded.values()) + image.nbytes + mask.nbytes <= _KEEP_DECODED_BYTES:
             decoded[pair] = (image, mask)
 
-    todo = run.check(pairs, name, check,
+    todo = run.check(run.my_share(pairs), name, check,
                      finished=(lambda pair: finished_before(out_dir, *pair, args, config, models_found))
                      if args.skip_existing
                      else None,
@@ -221,4 +222,4 @@ def cmd_refine(args) -> int:
                     f"{result.timings['total']:.2f} s -> {out_dir}/{image_path.stem}_*")
 
         run.each(todo, name, work)
-    return run.finish(out_dir / RUN_REPORT if folder else None)
+    return run.finish()

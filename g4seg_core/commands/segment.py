@@ -36,7 +36,7 @@ from .options import (
 )
 from ..errors import G4SegError, ModelNotFoundError
 from ..files.image_files import files_by_stem
-from .folder_run import FOLDER_IMAGE_EXTS, FolderRun
+from .folder_run import FOLDER_IMAGE_EXTS, FolderRun, device_for_rank, shard_from_env
 
 
 
@@ -243,8 +243,9 @@ def cmd_segment(args) -> int:
     out_dir = prepare_output_dir(args.out)
     keys = {path: rerun_key(path, config.to_dict(), classes, g4seg_config, models) for path in images}
 
-    run = FolderRun("segment", folder_run)
-    todo = run.check(images, lambda path: path.name, lambda path: load_image(path, args.convert_rgb, quiet=True),
+    run = FolderRun("segment", folder_run, report=out_dir / RUN_REPORT, shard=shard_from_env())
+    device_for_rank(args)
+    todo = run.check(run.my_share(images), lambda path: path.name, lambda path: load_image(path, args.convert_rgb, quiet=True),
                      finished=(lambda path: finished_before(out_dir, path, keys[path])) if args.skip_existing
                      else None,
                      has_outputs=lambda path: report_file(out_dir, path.stem).exists())
@@ -270,7 +271,7 @@ def cmd_segment(args) -> int:
             return f"{path.name}: {shares} -> {out_dir}/{path.stem}*"
 
         run.each(todo, lambda path: path.name, work)
-    return run.finish(out_dir / RUN_REPORT if folder_run else None)
+    return run.finish()
 
 
 def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe, g4seg_config, random,
