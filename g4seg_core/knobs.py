@@ -248,3 +248,17 @@ class KnobConfig:
             else:
                 values[knob.name] = value
         return cls(**values)
+
+
+def check_finite(values, stage: str, knobs: Dict[str, Any], fix: str = "") -> None:
+    """A G4SegError naming the stage and the knobs it depends on when `values` (a tensor or array) hold NaN or
+    infinity: the knobs' ranges keep the arithmetic finite, so what is left is the models' precision or a knob at
+    an extreme of its range."""
+    import torch
+
+    tensor = values if torch.is_tensor(values) else torch.as_tensor(values)
+    if bool(torch.isfinite(tensor).all()):
+        return
+    settings = ", ".join(f"{name}={value!r}" for name, value in knobs.items())
+    fix = fix or "move these knobs towards their defaults"
+    raise G4SegError(f"{stage} gave NaN or infinite values (with {settings}): {fix}")

@@ -79,6 +79,8 @@ def mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         mask = mask[:, 0]
     if mask.dim() != 3:
         raise G4SegError(f"{name} must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
+    if 0 in mask.shape:
+        raise G4SegError(f"{name} is empty (shape {tuple(mask.shape)}): connect a mask with at least one pixel")
     mask = mask.float()
     if not torch.isfinite(mask).all():
         raise G4SegError(f"{name} contains NaN or infinite values")
@@ -98,6 +100,9 @@ def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
         image = image[..., :3]
     elif c != 3:
         raise G4SegError(f"{name} has {c} channels; G4Seg needs RGB images [B, H, W, 3]")
+    if 0 in image.shape[:3]:
+        raise G4SegError(f"{name} is empty (batch x height x width {tuple(image.shape[:3])}): connect an image "
+                         "with at least one pixel")
     return image.float()
 
 

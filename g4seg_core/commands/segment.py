@@ -77,11 +77,11 @@ def _device(args):
     return default_device(args.device)
 
 
-def _tiny(why: str):
+def _tiny(why: str, config):
     from ..models.tiny import tiny_text_to_mask
 
     print(RANDOM_BANNER, file=sys.stderr)
-    features, tower = tiny_text_to_mask()
+    features, tower = tiny_text_to_mask(sigma=config.sigma)  # every segmenter knob is used, as with weights
     return features, tower, {"models": f"selfcheck (random weights{why})", "random_weights": True}
 
 
@@ -91,7 +91,7 @@ def load_models(args, config):
     from ..zeroshot import load_matching_features, load_text_tower
 
     if args.selfcheck:
-        return _tiny("")
+        return _tiny("", config)
     from ..loading.precision import dtype_name, resolve_dtype
 
     device = _device(args)
@@ -113,7 +113,7 @@ def load_models(args, config):
             raise
         refuse_selfcheck_for_named_models(args, exc)
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
-        return _tiny("; no weights found")
+        return _tiny("; no weights found", config)
     features = load_matching_features(clip, tower, config.sigma, device, dtype)
     print(f"g4seg segment: text {tower.name}; vision {features.name}", file=sys.stderr)
     return features, tower, {"models": "weights", "random_weights": False, "text": str(text_source),
@@ -220,6 +220,7 @@ def finished_before(out_dir: Path, path: Path, key: dict) -> bool:
 
 def cmd_segment(args) -> int:
     from ..files.output_files import prepare_output_dir, refuse_overwriting_inputs
+    from ..loading.precision import check_device
     from ..zeroshot import ZeroShotSegmenter, parse_classes
 
     # every check that needs no model first: settings, classes, every image decoded, the output folder
@@ -229,6 +230,8 @@ def cmd_segment(args) -> int:
             raise G4SegError(f"{', '.join(unused)} set(s) G4Seg refinement, which runs only with --refine: add "
                              "--refine, or drop them")
     config = segmenter_config(args)
+    if args.device:
+        check_device(args.device)  # the G4Seg knob's own check (refine's config runs it)
     classes = parse_classes(args.classes, config.background)
     file_names = class_file_names(classes.classes)
     images = _images(Path(args.image))
@@ -282,19 +285,22 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
 
     image = load_image(path, args.convert_rgb)
     start = time.perf_counter()
+    # everything is computed before the first file is written: a failure leaves no label map without its report
     result = segmenter.segment(image, classes)
-    outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
-                                                             "names": result.names}, file_names, title)
-    report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
-              "outputs": outputs, "rerun_key": key}
-    if random:
-        report["note"] = "random weights: these masks are meaningless (installation check only)"
+    multi = None
     if pipe is not None:
         # every class goes in; multiclass.refine_classes' one rule picks those it refines
         try:
             multi = pipe.refine_classes(image, dict(zip(classes.classes, result.probs)), g4seg_config)
         except G4SegError as exc:  # name the classes: the flow's message speaks of "the mask"
             raise G4SegError(f"--refine of {', '.join(classes.classes)}: {exc}") from None
+    outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
+                                                             "names": result.names}, file_names, title)
+    report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
+              "outputs": outputs, "rerun_key": key}
+    if random:
+        report["note"] = "random weights: these masks are meaningless (installation check only)"
+    if multi is not None:
         labels, refined_probs = multi.labels, np.stack(list(multi.probs.values()))
         report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(multi.results),
                             "outputs": write_segmentation(out_dir / "refined", path.stem, image,

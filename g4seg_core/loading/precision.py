@@ -17,7 +17,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -78,10 +78,57 @@ def _cuda_native_bf16(device: torch.device) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def available_devices() -> List[str]:
+    """The devices this machine and this PyTorch build can compute on, as --device takes them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return found
+
+
+def device_problem(device: Union[str, torch.device]) -> Optional[str]:
+    """Why `device` cannot be computed on here (naming the devices there are), or None."""
+    here = f"devices here: {', '.join(available_devices())}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"not a device name; {here} (e.g. cpu, cuda, cuda:1)"
+    kind, index = parsed.type, parsed.index
+    if kind == "cpu":
+        return None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            return f"{why}; {here}"
+        if index is not None and index >= torch.cuda.device_count():
+            return f"there is no GPU {index}; {here}"
+        return None
+    if kind in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if kind == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            return f"no {kind} device here; {here}"
+        return None
+    return f"G4Seg computes on cpu, cuda, mps or xpu, not {kind}; {here}"
+
+
+def check_device(device: Union[str, torch.device]) -> str:
+    """`device` as a string when it exists here, else a G4SegError naming the devices there are."""
+    problem = device_problem(device)
+    if problem:
+        raise G4SegError(f"device={str(device)!r}: {problem}")
+    return str(device)
+
+
 def default_device(device: Optional[Union[str, torch.device]] = None) -> str:
-    """The device asked for, else the GPU when there is one, else the CPU."""
+    """The device asked for (checked to exist), else the GPU when there is one, else the CPU."""
     if device:
-        return str(device)
+        return check_device(device)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..config import G4SegConfig
 from ..errors import G4SegError
+from ..knobs import check_finite
 from .injection import InjectionBatch
 from .masks import check_same_framing, resize_maps, validate_probability
 from .correspondence import grid_match_to_pixels
@@ -115,6 +116,8 @@ def image_to_tensor(image) -> torch.Tensor:
     t = image.detach().cpu() if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
     if t.dim() != 3 or t.shape[-1] != 3:
         raise G4SegError(f"image must be RGB [H, W, 3], got shape {tuple(t.shape)}: convert grayscale/RGBA to RGB first")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise G4SegError(f"image is empty ({t.shape[1]}x{t.shape[0]} px)")
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
     elif t.is_floating_point():
@@ -263,6 +266,9 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
         x0 = backend.denoise(latents, batch_noise(latents, config.seed), handles, injection, config, negative)
     with _stage(backend, timings, "vae_decode", progress):
         generated = resize_image(backend.decode(x0).float(), work_hw)  # VAEs may crop to a multiple of 8
+        check_finite(generated, "the generated image (UNet + VAE decode)",
+                     {k: getattr(config, k) for k in ("timestep", "cross_weight", "self_weight", "cfg_scale", "dtype")},
+                     "fp16 overflow is the usual cause: try --dtype float32 or bfloat16, or a lower cross_weight")
     with _stage(backend, timings, "clip_generated", progress):
         gen_feats = backend.features(generated, config.clip_features)
 
@@ -276,6 +282,8 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
         delta = grid_match_to_pixels(match.index_select(0, index), *maps.shape[-2:])
         mixed = mix_probabilities(maps.to(match.device).float(), delta, config.beta, config.band,
                                   config.iterations).cpu().numpy()
+        check_finite(mixed, "the correspondence and mixing",
+                     {k: getattr(config, k) for k in ("beta", "band", "iterations", "correspondence_grid")})
         for j, row in enumerate(rows):
             refined_rows[row] = mixed[j]
     refined = [np.ascontiguousarray(r, dtype=np.float32) for r in refined_rows]

@@ -98,8 +98,9 @@ def tiny_clip_features(seed: int = 0):
     return DenseCLIPFeatures.from_open_clip(visual.eval(), name="tiny open_clip ViT (random)")
 
 
-def tiny_text_to_mask(seed: int = 0):
-    """(NACLIP features, text tower) of a tiny random open_clip CLIP (16-wide embeddings, 2 layers each)."""
+def tiny_text_to_mask(seed: int = 0, sigma: Optional[float] = None):
+    """(NACLIP features, text tower) of a tiny random open_clip CLIP (16-wide embeddings, 2 layers each); `sigma`:
+    the neighbourhood width (default NACLIP's), as for real weights."""
     from open_clip.transformer import TextTransformer, VisionTransformer
 
     from ..zeroshot.neighbourhood import from_open_clip
@@ -110,5 +111,6 @@ def tiny_text_to_mask(seed: int = 0):
         visual = VisionTransformer(image_size=64, patch_size=16, width=32, layers=2, heads=2, mlp_ratio=2.0,
                                    output_dim=16)
         text = TextTransformer(width=32, heads=2, layers=2, mlp_ratio=2.0, output_dim=16)
-    return (from_open_clip(visual.eval(), name="tiny open_clip ViT (random)"),
+    return (from_open_clip(visual.eval(), **({} if sigma is None else {"sigma": sigma}),
+                           name="tiny open_clip ViT (random)"),
             OpenCLIPTextTower(text.eval(), name="tiny open_clip text (random)"))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import G4SegError
+from ..knobs import check_finite
 from ..method.resampling import linear_resampling_matrix
 from .config import ZeroShotConfig
 from .text import QueryEmbeddings, check_widths
@@ -158,10 +159,13 @@ class ZeroShotSegmenter:
         else:
             work = pixels[None]
         logits, n_windows = self._window_logits(work, text, progress)
+        check_finite(logits, "the segmenter's window logits (vision)", {"logit_scale": c.logit_scale, "sigma": c.sigma},
+                     "move them towards the recipe (40, 5), or compute the CLIP in float32 (--dtype float32)")
         timings["vision"] = time.perf_counter() - start
 
         start = time.perf_counter()
         probs, best = _class_probabilities(logits, query_labels, len(classes.classes), (height, width), row_chunk)
+        check_finite(probs, "the segmenter's probabilities (upsample)", {"logit_scale": c.logit_scale})
         labels = probs.argmax(dim=0)
         labels[best < c.prob_threshold] = 0
         timings["upsample"] = time.perf_counter() - start
@@ -206,6 +210,8 @@ def _as_chw(image) -> torch.Tensor:
         x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()  # a copy: PIL arrays are read-only
         if arr.dtype == np.uint8:
             x = x / 255.0
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise G4SegError(f"image is empty ({x.shape[2]}x{x.shape[1]} px)")
     if not torch.isfinite(x).all():
         raise G4SegError("image contains NaN or infinite values")
     return x.clamp(0, 1)

@@ -1,0 +1,133 @@
+"""No traceback for inputs a user can get wrong (issue 18.5): absent or unknown devices, empty images in every
+node, extreme aspect ratios and window counts, non-finite results."""
+
+import numpy as np
+import pytest
+import torch
+
+from g4seg_core.commands.main import main
+from g4seg_core.errors import G4SegError
+from g4seg_core.loading.precision import available_devices, check_device
+from nodes import NODE_CLASS_MAPPINGS
+
+
+def _save(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    rng = np.random.default_rng(0)
+    image = _save(tmp_path / "i.png", rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    mask = np.zeros((64, 80), np.uint8)
+    mask[10:40, 10:50] = 255
+    return image, _save(tmp_path / "m.png", mask)
+
+
+def _missing_devices():
+    missing = ["gpu0", "cuda:99", "meta"]
+    if not torch.cuda.is_available():
+        missing.append("cuda")
+    return missing
+
+
+@pytest.mark.parametrize("device", _missing_devices())
+@pytest.mark.parametrize("command", ["refine", "segment"])
+def test_absent_or_unknown_device_is_one_line_naming_the_devices_there_are(device, command, pair, tmp_path, capsys):
+    image, mask = pair
+    argv = (["refine", image, mask, "--label", "cat"] if command == "refine"
+            else ["segment", image, "--classes", "cat"])
+    assert main(argv + ["--out", str(tmp_path / "out"), "--selfcheck", "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"device={device!r}" in err[0] and "devices here: cpu" in err[0], err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_check_device_accepts_what_exists():
+    assert check_device("cpu") == "cpu"
+    assert available_devices()[0] == "cpu"
+    with pytest.raises(G4SegError, match="not a device name"):
+        check_device("gpu0")
+
+
+def _node_arguments(cls):
+    """Every input of a node: IMAGE and MASK empty (0 rows), widgets at their defaults, models None."""
+    args, empty = {}, False
+    for section in ("required", "optional"):
+        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if kind == "IMAGE":
+                args[name], empty = torch.zeros(1, 0, 64, 3), True
+            elif kind == "MASK":
+                args[name], empty = torch.zeros(1, 0, 64), True
+            elif isinstance(kind, list):
+                args[name] = options.get("default", kind[0] if kind else "")
+            elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                args[name] = options.get("default", "cat" if kind == "STRING" else 0)
+            else:
+                args[name] = None
+    return args if empty else None
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_nodes_refuse_empty_images_and_masks(node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    args = _node_arguments(cls)
+    if args is None:
+        pytest.skip(f"{node_id} takes no IMAGE or MASK")
+    with pytest.raises(G4SegError) as info:
+        getattr(cls(), cls.FUNCTION)(**args)
+    assert "empty" in str(info.value) or "must come from" in str(info.value), info.value
+
+
+def test_a_nan_in_the_segmenter_names_the_stage_and_the_knobs():
+    from g4seg_core.zeroshot import ZeroShotConfig, ZeroShotSegmenter
+    from g4seg_core.models.tiny import tiny_text_to_mask
+
+    features, tower = tiny_text_to_mask()
+
+    def overflowing(pixels):  # what a float16 CLIP that overflows gives
+        return features(pixels) * float("nan")
+
+    overflowing.name = "overflowing CLIP"
+    segmenter = ZeroShotSegmenter(overflowing, tower, ZeroShotConfig(templates="single", short_side=64, window=64,
+                                                                     stride=32))
+    with pytest.raises(G4SegError, match=r"window logits \(vision\) gave NaN.*logit_scale=40.0, sigma=5.0"):
+        segmenter.segment(np.zeros((64, 64, 3), np.uint8), "cat")
+
+
+def test_a_failure_after_the_segmenter_leaves_no_label_map_without_its_report(pair, tmp_path, monkeypatch, capsys):
+    """--refine failing (here: a stand-in for a NaN found in the flow) writes nothing for that image."""
+    from g4seg_core.pipeline import G4SegPipeline
+
+    def failing(self, *args, **kwargs):
+        raise G4SegError("the generated image (UNet + VAE decode) gave NaN or infinite values (with dtype='auto')")
+
+    monkeypatch.setattr(G4SegPipeline, "refine_classes", failing)
+    image, _ = pair
+    out = tmp_path / "out"
+    assert main(["segment", image, "--classes", "cat", "--out", str(out), "--selfcheck", "--refine",
+                 "--templates", "single"]) != 0
+    assert "gave NaN" in capsys.readouterr().err
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], sorted(out.rglob("*"))
+
+
+def test_selfcheck_uses_sigma_as_it_records_it(pair, tmp_path):
+    """--selfcheck's tiny CLIP runs NACLIP's block with the --sigma the report records (it was ignored)."""
+    import json
+
+    from PIL import Image
+
+    image, _ = pair
+    probs = {}
+    for sigma in ("0.1", "50"):
+        out = tmp_path / sigma
+        assert main(["segment", image, "--classes", "cat", "--out", str(out), "--selfcheck", "--templates", "single",
+                     "--window", "64", "--stride", "32", "--short-side", "128", "--sigma", sigma]) == 0
+        assert json.loads((out / "i_segment.json").read_text())["parameters"]["sigma"] == float(sigma)
+        probs[sigma] = np.asarray(Image.open(out / "i_cat.png"))
+    assert not np.array_equal(probs["0.1"], probs["50"])
