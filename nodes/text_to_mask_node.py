@@ -15,7 +15,7 @@ from g4seg_core.config import G4SegConfig
 from g4seg_core.errors import G4SegError
 from g4seg_core.method import multiclass
 from g4seg_core.files.palettes import voc_palette
-from g4seg_core.zeroshot import SEGMENTER_KNOBS, ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes
+from g4seg_core.zeroshot import SEGMENTER_KNOBS, ZeroShotConfig, ZeroShotSegmenter, check_widths, parse_classes, plan
 
 from .common import CATEGORY, Progress, check_interrupt, image_batch, intermediate_device, knob_inputs, mask_batch
 from .comfy.backend import ComfyBackend
@@ -48,19 +48,24 @@ def text_to_mask(clip, clip_vision, image, classes: str, config: ZeroShotConfig,
     """(masks [B*K, H, W] image-major, labels [B, H, W] uint8, class names) for every image of the batch."""
     class_list = parse_classes(classes, config.background)
     images = image_batch(image)
+    windows = plan(config, images.shape[1], images.shape[2])[1]  # limits checked before any model work
     text = query_embeddings(clip)
     if features is None:
         features = comfy_clip_vision_features(clip_vision, "naclip", config.sigma)
     check_widths(text.width, features.width, f"text encoder ({text.name})", "CLIP_VISION model")
     segmenter = ZeroShotSegmenter(features, text, config)
-    bar = Progress(images.shape[0])
+    bar = Progress(images.shape[0] * windows)
+
+    def progress(n: int) -> None:
+        check_interrupt()
+        bar.update(n)
+
     probs, labels = [], []
     for b in range(images.shape[0]):
         check_interrupt()
-        result = segmenter.segment(images[b].permute(2, 0, 1), class_list, progress=lambda n: check_interrupt())
+        result = segmenter.segment(images[b].permute(2, 0, 1), class_list, progress=progress)
         probs.append(torch.from_numpy(result.probs))
         labels.append(torch.from_numpy(result.labels))
-        bar.update(1)
     return torch.cat(probs).to(intermediate_device()), torch.stack(labels), list(class_list.classes)
 
 

@@ -131,3 +131,52 @@ def test_selfcheck_uses_sigma_as_it_records_it(pair, tmp_path):
         assert json.loads((out / "i_segment.json").read_text())["parameters"]["sigma"] == float(sigma)
         probs[sigma] = np.asarray(Image.open(out / "i_cat.png"))
     assert not np.array_equal(probs["0.1"], probs["50"])
+
+
+def test_extreme_aspect_ratios_and_window_counts_are_refused_up_front_naming_the_fix():
+    from g4seg_core.zeroshot import MAX_WINDOWS, ZeroShotConfig, plan
+
+    # 10000x20: at short_side 336 it would be segmented at 168000x336 (the 6.7 GB matrix of the issue)
+    with pytest.raises(G4SegError, match=r"10000x20 image at short_side 336 .* 168000x336 px.*short_side \(--short-side\) 176 or less"):
+        plan(ZeroShotConfig(), 20, 10000)
+    assert plan(ZeroShotConfig(short_side=176), 20, 10000)[0] == (20 * 176 // 20, 88000)
+    with pytest.raises(G4SegError, match="crop the image"):
+        plan(ZeroShotConfig(), 1, 100000)
+    # the smallest window and stride on the largest short side
+    with pytest.raises(G4SegError, match=rf"windows .* over the {MAX_WINDOWS} .*raise stride"):
+        plan(ZeroShotConfig(short_side=4096, window=32, stride=8), 4096, 4096)
+    assert plan(ZeroShotConfig(), 480, 640) == ((336, 448), 6)
+
+
+def test_segment_refuses_such_images_before_the_models_and_shows_progress_on_long_runs(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    wide = _save(tmp_path / "wide.png", rng.integers(0, 255, (20, 10000, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main(["segment", wide, "--classes", "cat", "--out", str(out), "--selfcheck"]) != 0
+    err = capsys.readouterr().err
+    assert "168000x336" in err and "(--short-side) 176" in err and "Traceback" not in err
+    assert "RANDOM WEIGHTS" not in err  # refused before the models load
+    small = _save(tmp_path / "small.png", rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    assert main(["segment", small, "--classes", "cat", "--out", str(out), "--selfcheck", "--templates", "single",
+                 "--short-side", "128", "--window", "32", "--stride", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "small.png: 273 windows" in err and "small.png: 273/273 windows" in err
+    assert Image.open(out / "small.png").size == (96, 64)
+
+
+def test_the_node_plans_every_image_before_any_work():
+    tn = pytest.importorskip("nodes.text_to_mask_node")
+    from g4seg_core.zeroshot import ZeroShotConfig
+
+    class NoModel:  # never reached: the limits come first
+        def __getattr__(self, name):
+            raise AssertionError("a model was used before the image was checked")
+
+    from g4seg_core.models.tiny import tiny_text_to_mask
+
+    features, tower = tiny_text_to_mask()
+    with pytest.raises(G4SegError, match="168000x336"):
+        tn.text_to_mask(NoModel(), None, torch.rand(1, 20, 10000, 3), "cat", ZeroShotConfig(templates="single"),
+                        features=features)

@@ -294,6 +294,16 @@ def test_linear_resampling_matrix_equals_interpolate(out_size, in_size):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_hw,in_hw", [((37, 50), (9, 12)), ((9, 5), (37, 40)), ((20, 20), (20, 20)),
+                                           ((5, 3), (1, 1)), ((20, 10000), (336, 168000 // 100))])
+def test_upsampling_equals_one_interpolate_then_softmax(out_hw, in_hw):
+    """The two one-axis passes give what one bilinear F.interpolate of the whole [Q, H, W] would."""
+    logits = torch.randn(3, *in_hw) * 4
+    want = F.interpolate(logits[None], size=out_hw, mode="bilinear", align_corners=False)[0].softmax(dim=0)
+    got, best = sg._class_probabilities(logits, torch.tensor([0, 1, 2]), 2, out_hw, row_chunk=7)
+    assert torch.allclose(got, want, atol=1e-5) and torch.equal(best, got.amax(dim=0))
+
+
 class PixelFeatures:
     """Fake dense features: each patch's feature is a fixed function of its mean colour (window-independent)."""
 

@@ -221,7 +221,7 @@ def finished_before(out_dir: Path, path: Path, key: dict) -> bool:
 def cmd_segment(args) -> int:
     from ..files.output_files import prepare_output_dir, refuse_overwriting_inputs
     from ..loading.precision import check_device
-    from ..zeroshot import ZeroShotSegmenter, parse_classes
+    from ..zeroshot import ZeroShotSegmenter, parse_classes, plan
 
     # every check that needs no model first: settings, classes, every image decoded, the output folder
     if not args.refine:
@@ -248,7 +248,8 @@ def cmd_segment(args) -> int:
 
     run = FolderRun("segment", folder_run, report=out_dir / RUN_REPORT, shard=shard_from_env())
     device_for_rank(args)
-    todo = run.check(run.my_share(images), lambda path: path.name, lambda path: load_image(path, args.convert_rgb, quiet=True),
+    todo = run.check(run.my_share(images), lambda path: path.name,
+                     lambda path: plan(config, *load_image(path, args.convert_rgb, quiet=True).shape[:2]),
                      finished=(lambda path: finished_before(out_dir, path, keys[path])) if args.skip_existing
                      else None,
                      has_outputs=lambda path: report_file(out_dir, path.stem).exists())
@@ -277,6 +278,28 @@ def cmd_segment(args) -> int:
     return run.finish()
 
 
+def _window_progress(name: str, config, shape):
+    """A progress callback that says every tenth of the windows done, for images of many windows; else None."""
+    from ..zeroshot import plan
+
+    total = plan(config, shape[0], shape[1])[1]
+    if total < PROGRESS_FROM_WINDOWS:
+        return None
+    done, said = [0], [0]
+    print(f"{name}: {total} windows", file=sys.stderr)
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if done[0] * 10 // total > said[0]:
+            said[0] = done[0] * 10 // total
+            print(f"{name}: {done[0]}/{total} windows", file=sys.stderr, flush=True)
+
+    return progress
+
+
+PROGRESS_FROM_WINDOWS = 100  # the defaults need 6 for a 4:3 photo
+
+
 def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, title, pipe, g4seg_config, random,
                  key):
     import numpy as np
@@ -286,7 +309,7 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
     image = load_image(path, args.convert_rgb)
     start = time.perf_counter()
     # everything is computed before the first file is written: a failure leaves no label map without its report
-    result = segmenter.segment(image, classes)
+    result = segmenter.segment(image, classes, progress=_window_progress(path.name, segmenter.config, image.shape))
     multi = None
     if pipe is not None:
         # every class goes in; multiclass.refine_classes' one rule picks those it refines

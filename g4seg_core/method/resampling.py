@@ -1,7 +1,8 @@
 """1-D linear resampling as a matrix: the weights of F.interpolate's (bi)linear mode, for separable products.
 
 A bilinear resize of a map X [h, w] to [H, W] is A_y X A_xᵀ with A = linear_resampling_matrix; products
-with A let the correspondence and the sliding-window segmenter work on resized maps without building them.
+with A let the correspondence work on resized maps without building them (the segmenter upsamples with two
+one-axis F.interpolate passes instead: its maps can be far larger, zeroshot/segment.py).
 """
 
 from __future__ import annotations

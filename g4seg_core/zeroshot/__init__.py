@@ -17,7 +17,7 @@ import torch
 
 from .neighbourhood import LastBlock, neighbourhood_attention, neighbourhood_bias, neighbourhood_features
 from .config import SEGMENTER_KNOBS, ZeroShotConfig
-from .segment import ZeroShotResult, ZeroShotSegmenter, sliding_windows
+from .segment import MAX_WINDOWS, MAX_WORK_PIXELS, ZeroShotResult, ZeroShotSegmenter, plan, sliding_windows
 from .text import QueryEmbeddings, check_widths, class_embedding, load_text_tower
 from .vocabulary import IMAGENET_TEMPLATES, STUFF_WORDS, ClassList, parse_classes
 
@@ -58,8 +58,8 @@ def _output_width(module) -> Optional[int]:
     return None
 
 
-__all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "QueryEmbeddings", "SEGMENTER_KNOBS", "STUFF_WORDS",
+__all__ = ["ClassList", "IMAGENET_TEMPLATES", "LastBlock", "MAX_WINDOWS", "MAX_WORK_PIXELS", "QueryEmbeddings", "SEGMENTER_KNOBS", "STUFF_WORDS",
            "ZeroShotConfig", "ZeroShotResult", "ZeroShotSegmenter", "check_widths",
            "class_embedding", "load_matching_features", "load_segmenter", "load_text_tower",
            "neighbourhood_attention", "neighbourhood_bias", "neighbourhood_features",
-           "parse_classes", "sliding_windows"]
+           "parse_classes", "plan", "sliding_windows"]

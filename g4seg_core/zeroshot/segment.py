@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from ..errors import G4SegError
 from ..knobs import check_finite
-from ..method.resampling import linear_resampling_matrix
 from .config import ZeroShotConfig
 from .text import QueryEmbeddings, check_widths
 from .vocabulary import ClassList, parse_classes, template_set
@@ -40,6 +39,45 @@ def sliding_windows(height: int, width: int, window: int, stride: int) -> List[T
         return [(min(i * stride, size - window), min(i * stride, size - window) + window) for i in range(count)]
 
     return [(t, b, l, r) for t, b in starts(height) for l, r in starts(width)]
+
+
+# Limits checked before any work (plan): the window logits of every query are held at the working size,
+# so its area is bounded (the largest square short_side allows); the windows are bounded so that no
+# setting runs for hours unannounced (the defaults need 6 windows for a 4:3 photo).
+MAX_WORK_PIXELS = 4096 * 4096
+MAX_WINDOWS = 20_000
+
+
+def window_count(size: int, window: int, stride: int) -> int:
+    """Windows along one side (as sliding_windows lays them)."""
+    return 1 if size <= window else (size - window + stride - 1) // stride + 1
+
+
+def plan(config: ZeroShotConfig, height: int, width: int) -> Tuple[Tuple[int, int], int]:
+    """(working size (h, w), number of windows) of a height x width image; a G4SegError naming the fix when
+    the image is empty, its working size is over MAX_WORK_PIXELS (extreme aspect ratios) or it needs more
+    than MAX_WINDOWS windows. Cheap: run it on every image before the models load."""
+    if height < 1 or width < 1:
+        raise G4SegError(f"image is empty ({width}x{height} px)")
+    side = config.short_side
+    if side:
+        scale = side / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    else:
+        size = (height, width)
+    h, w = size
+    if h * w > MAX_WORK_PIXELS:
+        fit = int((MAX_WORK_PIXELS * min(height, width) / max(height, width)) ** 0.5) // 16 * 16
+        fix = (f"use short_side (--short-side) {fit} or less, or crop the image" if fit >= 32
+               else "crop the image (its aspect ratio is too extreme for any short_side)")
+        raise G4SegError(f"a {width}x{height} image at short_side {side} is segmented at {w}x{h} px, over the "
+                         f"{MAX_WORK_PIXELS / 1e6:.1f} Mpx the segmenter holds its logits at: {fix}")
+    windows = window_count(h, config.window, config.stride) * window_count(w, config.window, config.stride)
+    if windows > MAX_WINDOWS:
+        raise G4SegError(f"{windows} windows ({config.window} px every {config.stride} px over {w}x{h} px) is over "
+                         f"the {MAX_WINDOWS} the segmenter runs: raise stride (--stride; recipe: half the window) "
+                         "or lower short_side (--short-side)")
+    return size, windows
 
 
 @dataclass
@@ -147,17 +185,14 @@ class ZeroShotSegmenter:
             classes = parse_classes(classes, c.background)
         pixels = _as_chw(image)
         height, width = pixels.shape[-2:]
+        plan(c, height, width)  # limits first, before the text work
         text, query_labels = self.query_embeddings(classes)
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if c.short_side:
-            scale = c.short_side / min(height, width)
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            work = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False,
-                                 antialias=True).clamp(0, 1) if size != (height, width) else pixels[None]
-        else:
-            work = pixels[None]
+        size, _ = plan(c, height, width)
+        work = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False,
+                             antialias=True).clamp(0, 1) if size != (height, width) else pixels[None]
         logits, n_windows = self._window_logits(work, text, progress)
         check_finite(logits, "the segmenter's window logits (vision)", {"logit_scale": c.logit_scale, "sigma": c.sigma},
                      "move them towards the recipe (40, 5), or compute the CLIP in float32 (--dtype float32)")
@@ -177,19 +212,23 @@ def _class_probabilities(logits: torch.Tensor, query_labels: torch.Tensor, n_cla
                          size_hw: Tuple[int, int], row_chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """[Q, h, w] logits -> ([1+K, H, W] merged probabilities, [H, W] best probability).
 
-    Bilinear upsampling is separable (rows then columns), so output rows are computed in chunks
-    exactly as one F.interpolate would, without a [Q, H, W] tensor of the whole image.
+    Bilinear upsampling is separable: the rows are resampled first ([Q, H, w], never more than the
+    working or the output size times Q), then the columns of `row_chunk` output rows at a time, each
+    pass an F.interpolate along one axis (the other keeps its size, so it is copied exactly). No
+    [Q, H, W] tensor of the whole image and no dense resampling matrix (a 10000x20 image needed 6.7 GB).
     """
     q, h, w = logits.shape
-    rows, cols = linear_resampling_matrix(h, size_hw[0]), linear_resampling_matrix(w, size_hw[1])
-    out = torch.zeros(n_classes + 1, *size_hw)
-    by_cols = torch.einsum("qhw,Ww->qhW", logits, cols)  # [Q, h, W]
-    for top in range(0, size_hw[0], row_chunk):
-        chunk = torch.einsum("Hh,qhW->qHW", rows[top:top + row_chunk], by_cols).softmax(dim=0)
-        for label in range(n_classes + 1):
-            members = (query_labels == label).nonzero().flatten()
-            if len(members):
-                out[label, top:top + row_chunk] = chunk[members].amax(dim=0)
+    height, width = size_hw
+    by_rows = F.interpolate(logits[None], size=(height, w), mode="bilinear", align_corners=False)[0]
+    out = torch.zeros(n_classes + 1, height, width)
+    members = [(label, (query_labels == label).nonzero().flatten()) for label in range(n_classes + 1)]
+    for top in range(0, height, row_chunk):
+        rows = by_rows[None, :, top:top + row_chunk]
+        chunk = F.interpolate(rows, size=(rows.shape[2], width), mode="bilinear", align_corners=False)[0]
+        chunk = chunk.softmax(dim=0)
+        for label, queries in members:
+            if len(queries):
+                out[label, top:top + row_chunk] = chunk[queries].amax(dim=0)
     return out, out.amax(dim=0)
 
 
