@@ -51,12 +51,6 @@ def _band_rule(v: Tuple[float, float]) -> Optional[str]:
     return None if v[0] <= v[1] else "use low <= high, e.g. 0.2 0.6 (paper)"
 
 
-def _device_rule(v: Optional[str]) -> Optional[str]:
-    from .loading.precision import device_problem  # torch, lazily: precision imports this module
-
-    return None if v is None else device_problem(v)
-
-
 def _positive_rule(v: float) -> Optional[str]:
     return None if v > 0 else "use a number > 0"
 
@@ -115,7 +109,7 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("dtype", "choice", "auto", "Model dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, "
          "else float32.", choices=DTYPE_CHOICES),
     Knob("device", "optional_str", None, "cpu, cuda, cuda:1 ... (default: cuda if available); checked to exist "
-         "before any model loads.", rule=_device_rule),
+         "before any model loads (loading.precision.check_device, by the commands).")
 )
 KNOB_SET = KnobSet("G4Seg parameter", KNOBS)
 KNOB_BY_NAME: Dict[str, Knob] = KNOB_SET.by_name

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import KNOB_SET, G4SegConfig
 from ..errors import G4SegError, ModelNotFoundError
+from ..loading.precision import check_device
 
 RANDOM_BANNER = ("=" * 78 + "\n  RANDOM WEIGHTS: tiny random-weight models built from config.\n"
                  "  This checks the installation, not the result: the masks it writes are meaningless.\n"
@@ -41,10 +42,13 @@ def config_from_args(args) -> G4SegConfig:
         values.update(loaded)
     values.update(KNOB_SET.values_from_args(args))
     try:
-        return G4SegConfig.from_dict(values)
+        config = G4SegConfig.from_dict(values)
     except G4SegError as exc:
         where = f" (flags and --config {args.config})" if getattr(args, "config", None) else ""
         raise G4SegError(f"{exc}{where}") from None
+    if config.device:
+        check_device(config.device)  # before any model loads: one line naming the devices there are
+    return config
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
