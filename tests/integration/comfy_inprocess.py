@@ -74,7 +74,7 @@ def chain(ckpt, cv_path):
     """Another pack's attn2 replace patch on the model first; G4Seg must call it, not drop it."""
     pack = load_pack()
     m = pack.NODE_CLASS_MAPPINGS
-    ap = sys.modules["g4seg_pack.nodes.attention_patch"]
+    ap = sys.modules["g4seg_pack.nodes.comfy.attention_patch"]
     model, clip, vae, _ = load_models(ckpt, cv_path)
     calls = {"other": 0, "g4seg": 0}
     from comfy.ldm.modules.attention import optimized_attention
@@ -290,7 +290,7 @@ def lowprec(ckpt, cv_path, size=64):
             return optimized_attention(q, k, v, extra_options["n_heads"])
 
         base = model.clone()
-        for block, number, index in sys.modules["g4seg_pack.nodes.attention_patch"].attention_blocks(
+        for block, number, index in sys.modules["g4seg_pack.nodes.comfy.attention_patch"].attention_blocks(
                 model.model.diffusion_model):
             base.set_model_attn2_replace(spy, block, number, index)
         with torch.inference_mode():
