@@ -57,6 +57,9 @@ SETTINGS = {
 }
 
 
+DEVICE = torch.device("cpu")  # --device: where every model trains (saved weights are CPU tensors)
+
+
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
@@ -69,7 +72,7 @@ def seeded(seed: int):
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (the VAE's range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return (torch.from_numpy(images).to(DEVICE).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
 
 
 # ----------------------------------------------------------------------------- models
@@ -123,7 +126,7 @@ def text_embeds(model, tokenizer, prompts):
     """Projected end-of-text embeddings, tokenized as zeroshot.text.TransformersTextTower does."""
     ids = [tokenizer.prompt_ids(p) for p in prompts]
     length = max(len(i) for i in ids)
-    tokens = torch.tensor([i + [0] * (length - len(i)) for i in ids])
+    tokens = torch.tensor([i + [0] * (length - len(i)) for i in ids], device=DEVICE)
     return model(input_ids=tokens).text_embeds
 
 
@@ -133,26 +136,27 @@ def train_clip(s, seed, report):
     from g4seg_core.zeroshot.vocabulary import IMAGENET_TEMPLATES
 
     seeded(seed)
-    text, vision = make_text_encoder(), make_vision(s)
-    scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    text, vision = make_text_encoder().to(DEVICE), make_vision(s).to(DEVICE)
+    scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=DEVICE))
     params = list(text.parameters()) + list(vision.parameters()) + [scale]
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.05)
     sched = warmup_cosine(opt, s["steps"], 0.1)
     tok = G4SegTokenizer(pad_token_id=0)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=DEVICE).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=DEVICE).view(1, 3, 1, 1)
     n_cls = len(tw.CLASS_NAMES) - 1
     rng = np.random.default_rng(seed)
     pool = [tw.scene(seed, "clip", i, SIZE, 1 + i % n_cls) for i in range(s["scenes"])]
     for step in range(s["steps"]):
         scenes = [pool[i] for i in rng.choice(len(pool), s["batch"], replace=False)]
         mains = np.array([x.main for x in scenes])
-        pix = (torch.from_numpy(np.stack([x.image for x in scenes])).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        pix = (torch.from_numpy(np.stack([x.image for x in scenes])).to(DEVICE).permute(0, 3, 1, 2).float() / 255
+               - mean) / std
         template = IMAGENET_TEMPLATES[int(rng.integers(len(IMAGENET_TEMPLATES)))] if step % 2 else "a photo of a {}."
         t = F.normalize(text_embeds(text, tok, [template.format(n) for n in tw.CLASS_NAMES[1:]]), dim=-1)
         v = F.normalize(vision(pix), dim=-1)
         logits = scale.exp().clamp(max=100) * v @ t.T
-        target = torch.from_numpy(mains - 1)
+        target = torch.from_numpy(mains - 1).to(DEVICE)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()
@@ -168,7 +172,7 @@ def train_clip(s, seed, report):
 
 def train_vae(s, seed, report):
     seeded(seed + 1)
-    vae = make_vae(s)
+    vae = make_vae(s).to(DEVICE)
     opt = torch.optim.AdamW(vae.parameters(), lr=s["lr"], weight_decay=0.0)
     sched = warmup_cosine(opt, s["steps"], 0.1)
     rng = np.random.default_rng(seed + 1)
@@ -213,7 +217,7 @@ def train_unet(s, seed, components, report):
     from g4seg_core.models.families import scheduler_alphas_cumprod
 
     seeded(seed + 2)
-    unet = make_unet(s)
+    unet = make_unet(s).to(DEVICE)
     vae = components.vae
     prompts = {c: components.encode_prompt(tw.caption(c)).hidden_states[0] for c in range(1, len(tw.CLASS_NAMES))}
     latents, classes = [], []
@@ -225,7 +229,7 @@ def train_unet(s, seed, components, report):
             classes += [x.classes for x in scenes]
     latents = torch.cat(latents)
     log(f"unet: {len(latents)} latents, std {latents.std():.3f}")
-    alphas = scheduler_alphas_cumprod(None).float()  # SD's schedule, as the project reads it
+    alphas = scheduler_alphas_cumprod(None).float().to(DEVICE)  # SD's schedule, as the project reads it
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=s["lr"], weight_decay=0.01)
     sched = warmup_cosine(opt, s["steps"], 0.05)
@@ -237,7 +241,7 @@ def train_unet(s, seed, components, report):
         if rng.random() < 0.5:
             z0 = z0.flip(-1)  # mirror: the world has no left/right
         cond = torch.stack([prompts[int(rng.choice(classes[i]))] for i in idx])
-        t = torch.from_numpy(rng.integers(s["t_min"], s["t_max"], s["batch"]))
+        t = torch.from_numpy(rng.integers(s["t_min"], s["t_max"], s["batch"])).to(DEVICE)
         noise = torch.randn_like(z0)
         ab = alphas[t].view(-1, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
@@ -284,9 +288,12 @@ def main(argv=None) -> int:
                    help="trained stages, reused when their settings are unchanged")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (smoke runs)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (the weights differ in the last bits between devices)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     settings = scaled(SETTINGS, args.scale)
     seed = settings["seed"]
     out, world = Path(args.out), Path(args.world)
@@ -315,7 +322,8 @@ def main(argv=None) -> int:
     from g4seg_core.models.families import scheduler_alphas_cumprod
     from g4seg_core.models.tokenizer import G4SegTokenizer
 
-    report = {"fingerprint": key, "settings": settings, "torch": torch.__version__, "timings_s": {}}
+    report = {"fingerprint": key, "settings": settings, "torch": torch.__version__, "device": args.device,
+              "timings_s": {}}
     cache = Path(args.cache)
 
     def stage(name, train, save, load, depends=""):
@@ -342,12 +350,13 @@ def main(argv=None) -> int:
 
         vision = make_vision(settings["clip"])
         vision.load_state_dict(torch.load(folder / "vision.pt", weights_only=True))
-        return CLIPTextModelWithProjection.from_pretrained(str(folder / "text")).eval(), vision.eval()
+        return (CLIPTextModelWithProjection.from_pretrained(str(folder / "text")).to(DEVICE).eval(),
+                vision.to(DEVICE).eval())
 
     def load_vae(folder):
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+        return AutoencoderKL.from_pretrained(str(folder / "vae")).to(DEVICE).eval()
 
     (text, vision), clip_key = stage("clip", lambda: train_clip(settings["clip"], seed, report), save_clip, load_clip)
     vae, vae_key = stage("vae", lambda: train_vae(settings["vae"], seed, report),
@@ -359,10 +368,12 @@ def main(argv=None) -> int:
     def load_unet(folder):
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+        return UNet2DConditionModel.from_pretrained(str(folder / "unet")).to(DEVICE).eval()
 
     components.unet, _ = stage("unet", lambda: train_unet(settings["unet"], seed, components, report),
                                lambda m, f: m.save_pretrained(str(f / "unet")), load_unet, clip_key + vae_key)
+    for m in (components.unet, vae, text, vision):
+        m.cpu()
     for m in (components.unet, vae, text):
         m.half()
     save_diffusers_folder(components, out / "sd")
