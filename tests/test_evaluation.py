@@ -451,3 +451,22 @@ def test_eval_reads_16bit_greyscale_pictures_and_refuses_duplicate_files(tmp_pat
     err = capsys.readouterr().err
     assert "2007_000001: several files" in err and "2007_000001.jpg and 2007_000001.png" in err
     assert load_summary(tmp_path / "o")["methods"]["none"]["num_images"] == 3
+
+
+@pytest.mark.parametrize("found", ["by the checks", "while evaluated"])
+def test_eval_where_every_image_fails_exits_1_and_lists_them_once(tmp_path, capsys, found):
+    """Work was tried and all of it failed: exit 1 like refine and segment, one list, no summary promised."""
+    voc = make_voc(tmp_path / "voc", n=2)
+    for jpg in sorted((voc / "JPEGImages").glob("*.jpg")):
+        data = jpg.read_bytes()
+        jpg.write_bytes(data[:300] if found == "by the checks" else data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert run(voc, *BASE, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "g4seg: error" not in err
+    assert err.count("2007_000000: cannot read image") == 1  # the list; and the progress line while evaluated:
+    assert err.count("2007_000000: failed, going on") == (found == "while evaluated")
+    assert "2 image(s) failed (also in failures.json" in err and "no summary was written" in err
+    assert not (out / "summary.json").exists()
+    assert [f["id"] for f in json.loads((out / "failures.json").read_text())["failures"]] == ["2007_000000",
+                                                                                            "2007_000001"]

@@ -191,6 +191,10 @@ def read_failures(out_dir: Path, records: List[dict], methods: List[str]) -> Lis
     return sorted(out, key=lambda f: f["id"])
 
 
+class NoResults(G4SegError):
+    """The folder holds no result to summarise (every image failed, or none was evaluated yet)."""
+
+
 def finish(out_dir: Path, report_method: Optional[str] = None) -> dict:
     """Recompute the totals from every results*.jsonl in out_dir; write summary + report."""
     from ..evaluation.report import make_grid, write_report_html, write_summary_csv, write_summary_json
@@ -205,7 +209,7 @@ def finish(out_dir: Path, report_method: Optional[str] = None) -> dict:
     records = dedupe(records)
     failures = read_failures(out_dir, records, run.get("methods") or [])
     if not records:
-        raise G4SegError(f"no results in {out_dir} (results*.jsonl are empty or missing)"
+        raise NoResults(f"no results in {out_dir} (results*.jsonl are empty or missing)"
                          + (f"; {len(failures)} image(s) failed, e.g. {failures[0]['id']}: {failures[0]['error']}"
                             if failures else ""))
     methods = summarize(records, ds["num_classes"], ds["ignore_index"], ds["class_names"], run.get("methods"))
@@ -364,13 +368,19 @@ def run_eval(args) -> int:
         if index != 0 or not _wait_for_shards(out_dir, count, wait):
             print(f"shard {index}/{count} done. When every shard has finished: g4seg eval --merge {out_dir}",
                   file=sys.stderr)
-            print_failures([{"id": k, "error": v} for k, v in sorted(failures.items())])
+            print_failures([{"id": k, "error": v} for k, v in sorted(failures.items())],
+                           where=failures_name(index, count))
             return 1 if failures else 0
     try:
         summary = finish(out_dir, args.report_method)
-    except G4SegError:
-        print_failures([{"id": k, "error": v} for k, v in sorted(failures.items())])
-        raise
+    except NoResults:
+        if not failures:
+            raise
+        # every image of this run failed: the work was tried, so exit 1 like refine and segment (listed once)
+        print_failures([{"id": k, "error": v} for k, v in sorted(failures.items())], where=failures_name(index, count))
+        print(f"g4seg eval: no image could be evaluated, so no summary was written; {out_dir} holds "
+              f"{failures_name(index, count)}", file=sys.stderr)
+        return 1
     print_summary(summary)
     print(f"wrote {out_dir / 'summary.json'}, {out_dir / 'summary.csv'}, {out_dir / 'report.html'}")
     print_failures(summary["failures"])
@@ -392,9 +402,9 @@ def _refuse_overwriting_inputs(args, dataset, index: int, count: int) -> None:
     refuse_overwriting_inputs(out, [(out / n, n) for n in names], inputs, folders)
 
 
-def print_failures(failures: List[dict]) -> None:
+def print_failures(failures: List[dict], where: str = "summary.json") -> None:
     if failures:
-        print(f"{len(failures)} image(s) failed (also in summary.json; fix them and rerun the same command "
+        print(f"{len(failures)} image(s) failed (also in {where}; fix them and rerun the same command "
               "to evaluate just those):", file=sys.stderr)
         for f in failures:
             print(f"  {f['id']}: {f['error']}", file=sys.stderr)
