@@ -133,25 +133,27 @@ def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, conf
 
 
 def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
-    """Every output written atomically; the JSON report last (its presence means the set is complete)."""
+    """Every output written as one set (whole or absent, output_files.FileSet); the JSON report last (its
+    presence means the set is complete)."""
     import numpy as np
 
     from ..files.mask_files import save_binary_png, save_probability_png16
-    from ..files.output_files import atomic_write_text, save_image
+    from ..files.output_files import FileSet, atomic_write_text, save_image
     from ..files.visualize import before_after
 
     files = output_files(out_dir, stem)
-    save_probability_png16(result.prob, files["refined_prob"])
-    save_binary_png(result.binary, files["refined_mask"])
     # a picture travels without its JSON: say on it when the models were random
     title = "refined (G4Seg, RANDOM WEIGHTS: not a real result)" if extra.get("models", "").startswith("selfcheck") \
         else "refined (G4Seg)"
-    save_image(before_after(np.asarray(image), result.coarse, result.prob, result.config.threshold,
-                            refined_title=title), files["overlay"])
-    save_image(result.generated, files["generated"])
     report = {"parameters": result.config.to_dict(), **result.summary(), **extra,
               "outputs": {k: str(v) for k, v in files.items()}}
-    atomic_write_text(files["report"], json.dumps(report, indent=2))
+    with FileSet() as staged:
+        save_probability_png16(result.prob, staged.stage(files["refined_prob"]))
+        save_binary_png(result.binary, staged.stage(files["refined_mask"]))
+        save_image(before_after(np.asarray(image), result.coarse, result.prob, result.config.threshold,
+                                refined_title=title), staged.stage(files["overlay"]))
+        save_image(result.generated, staged.stage(files["generated"]))
+        atomic_write_text(staged.stage(files["report"]), json.dumps(report, indent=2))
     return report
 
 

@@ -168,7 +168,8 @@ def planned_outputs(out_dir: Path, images: List[Path], file_names, refine: bool)
     return planned
 
 
-def write_segmentation(out_dir: Path, stem: str, image, result, file_names, title: str) -> dict:
+def write_segmentation(out_dir: Path, stem: str, image, result, file_names, title: str, stage) -> dict:
+    """The label map, the class probabilities and the overlay, each written to stage(its path) (a FileSet's)."""
     import numpy as np
 
     from ..files.mask_files import save_label_map_png, save_probability_png16
@@ -176,10 +177,11 @@ def write_segmentation(out_dir: Path, stem: str, image, result, file_names, titl
     from ..files.visualize import label_overlay
 
     files = segmentation_files(out_dir, stem, file_names)
-    save_label_map_png(result["labels"], files["labels"], label_names=("background",) + tuple(result["names"]))
+    save_label_map_png(result["labels"], stage(files["labels"]),
+                       label_names=("background",) + tuple(result["names"]))
     for name, prob in zip(file_names, result["probs"]):
-        save_probability_png16(np.clip(prob, 0, 1), files[f"prob_{name}"])
-    save_image(label_overlay(np.asarray(image), result["labels"], result["names"], title), files["overlay"],
+        save_probability_png16(np.clip(prob, 0, 1), stage(files[f"prob_{name}"]))
+    save_image(label_overlay(np.asarray(image), result["labels"], result["names"], title), stage(files["overlay"]),
                format="JPEG", quality=92)
     return {k: str(v) for k, v in files.items()}
 
@@ -304,7 +306,7 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
                  key):
     import numpy as np
 
-    from ..files.output_files import atomic_write_text
+    from ..files.output_files import FileSet, atomic_write_text
 
     image = load_image(path, args.convert_rgb)
     start = time.perf_counter()
@@ -317,19 +319,22 @@ def _segment_one(path, args, segmenter, classes, file_names, out_dir, models, ti
             multi = pipe.refine_classes(image, dict(zip(classes.classes, result.probs)), g4seg_config)
         except G4SegError as exc:  # name the classes: the flow's message speaks of "the mask"
             raise G4SegError(f"--refine of {', '.join(classes.classes)}: {exc}") from None
-    outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
-                                                             "names": result.names}, file_names, title)
-    report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
-              "outputs": outputs, "rerun_key": key}
-    if random:
-        report["note"] = "random weights: these masks are meaningless (installation check only)"
-    if multi is not None:
-        labels, refined_probs = multi.labels, np.stack(list(multi.probs.values()))
-        report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(multi.results),
-                            "outputs": write_segmentation(out_dir / "refined", path.stem, image,
-                                                          {"labels": labels, "probs": refined_probs,
-                                                           "names": result.names}, file_names,
-                                                          title or "G4Seg-refined")}
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_text(report_file(out_dir, path.stem), json.dumps(report, indent=2))
+    # one image's files are whole or absent (FileSet): the report is staged last
+    with FileSet() as staged:
+        outputs = write_segmentation(out_dir, path.stem, image, {"labels": result.labels, "probs": result.probs,
+                                                                 "names": result.names}, file_names, title,
+                                     staged.stage)
+        report = {"image": str(path), "parameters": segmenter.config.to_dict(), **models, **result.summary(),
+                  "outputs": outputs, "rerun_key": key}
+        if random:
+            report["note"] = "random weights: these masks are meaningless (installation check only)"
+        if multi is not None:
+            labels, refined_probs = multi.labels, np.stack(list(multi.probs.values()))
+            report["refine"] = {"parameters": g4seg_config.to_dict(), "refined_classes": list(multi.results),
+                                "outputs": write_segmentation(out_dir / "refined", path.stem, image,
+                                                              {"labels": labels, "probs": refined_probs,
+                                                               "names": result.names}, file_names,
+                                                              title or "G4Seg-refined", staged.stage)}
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        atomic_write_text(staged.stage(report_file(out_dir, path.stem)), json.dumps(report, indent=2))
     return report

@@ -10,6 +10,7 @@ unwritable ``--out`` is a one-line error before any model loads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -47,6 +48,60 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+class FileSet:
+    """The files of one result (one image's outputs), written whole or not at all.
+
+        with FileSet() as files:
+            save_binary_png(mask, files.stage(out / "x_mask.png"))
+            atomic_write_text(files.stage(out / "x_report.json"), ...)   # staged last: renamed last
+
+    Each file is written to a hidden temporary name next to its target; when the block succeeds, every
+    target is checked (none may be a folder) and the temporaries are renamed into place in the order they
+    were staged. A failure while writing (full disk, Ctrl-C) removes the temporaries and leaves the earlier
+    files as they were; a failure while renaming removes every target of the set, so no mix of old and new
+    files (nor an old report vouching for them) stays.
+    """
+
+    def __init__(self) -> None:
+        self.staged: List[Tuple[Path, Path]] = []  # (temporary, target)
+
+    def stage(self, target: PathLike) -> Path:
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.stem}.part{os.getpid()}{target.suffix}")
+        self.staged.append((tmp, target))
+        return tmp
+
+    def __enter__(self) -> "FileSet":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            self._remove(tmp for tmp, _ in self.staged)
+            return
+        try:
+            for _, target in self.staged:
+                if target.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, "is a folder, so the output cannot be written there; "
+                                                          "move it away", str(target))
+        except BaseException:
+            self._remove(tmp for tmp, _ in self.staged)
+            raise
+        try:
+            for tmp, target in self.staged:
+                os.replace(tmp, target)
+        except BaseException:
+            self._remove([tmp for tmp, _ in self.staged] + [target for _, target in self.staged])
+            raise
+
+    @staticmethod
+    def _remove(paths: Iterable[Path]) -> None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                if not path.is_dir():
+                    path.unlink()
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
