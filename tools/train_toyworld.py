@@ -45,7 +45,7 @@ TEXT_WIDTH = 64
 SETTINGS = {
     "seed": 0, "size": SIZE, "world_train": 100, "world_val": 200,
     # scenes: a pool rendered once per stage and sampled from (rendering costs as much as a step)
-    "clip": {"steps": 60, "batch": 24, "lr": 2e-3, "width": 64, "layers": 3, "patch": 8, "scenes": 400},
+    "clip": {"steps": 100, "batch": 24, "lr": 2e-3, "width": 64, "layers": 3, "patch": 8, "scenes": 400},
     # 64 px crops: with 32 px the mid-block attention sees 4x4 tokens and fails on whole images (measured).
     # Measured at 300-600 steps (full-image L1 on [-1, 1]): channels 8-32 with an L1 loss stay grey (0.23,
     # only red survives: L1 pulls to the median, the grey background); MSE 0.19; channels 16-64 + MSE 0.10
@@ -131,7 +131,8 @@ def text_embeds(model, tokenizer, prompts):
 
 
 def train_clip(s, seed, report):
-    """Text + image encoders, CLIP's loss over the class captions (random ImageNet templates)."""
+    """Text + image encoders, CLIP's loss over the class captions (random ImageNet templates); scenes
+    without objects are captioned with tw.BACKGROUND_WORD, so the segmenter has a background query."""
     from g4seg_core.models.tokenizer import G4SegTokenizer
     from g4seg_core.zeroshot.vocabulary import IMAGENET_TEMPLATES
 
@@ -144,19 +145,19 @@ def train_clip(s, seed, report):
     tok = G4SegTokenizer(pad_token_id=0)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=DEVICE).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=DEVICE).view(1, 3, 1, 1)
-    n_cls = len(tw.CLASS_NAMES) - 1
+    names = (tw.BACKGROUND_WORD,) + tw.CLASS_NAMES[1:]  # caption index = the scene's main class (0: none)
     rng = np.random.default_rng(seed)
-    pool = [tw.scene(seed, "clip", i, SIZE, 1 + i % n_cls) for i in range(s["scenes"])]
+    pool = [tw.scene(seed, "clip", i, SIZE, i % len(names)) for i in range(s["scenes"])]
     for step in range(s["steps"]):
         scenes = [pool[i] for i in rng.choice(len(pool), s["batch"], replace=False)]
         mains = np.array([x.main for x in scenes])
         pix = (torch.from_numpy(np.stack([x.image for x in scenes])).to(DEVICE).permute(0, 3, 1, 2).float() / 255
                - mean) / std
         template = IMAGENET_TEMPLATES[int(rng.integers(len(IMAGENET_TEMPLATES)))] if step % 2 else "a photo of a {}."
-        t = F.normalize(text_embeds(text, tok, [template.format(n) for n in tw.CLASS_NAMES[1:]]), dim=-1)
+        t = F.normalize(text_embeds(text, tok, [template.format(n) for n in names]), dim=-1)
         v = F.normalize(vision(pix), dim=-1)
         logits = scale.exp().clamp(max=100) * v @ t.T
-        target = torch.from_numpy(mains - 1).to(DEVICE)
+        target = torch.from_numpy(mains).to(DEVICE)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()

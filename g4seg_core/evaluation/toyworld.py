@@ -25,6 +25,9 @@ import numpy as np
 # Index 0 is the background, as in VOC.
 CLASS_NAMES = ("background", "ball", "box", "tent", "ring", "cross")
 CAPTION = "a photo of a {}"
+# What the toy text encoder learns for a scene without objects: one of the segmenter's stuff words
+# (zeroshot.vocabulary.STUFF_WORDS), so `g4seg segment --background wall` has a trained background query
+BACKGROUND_WORD = "wall"
 SUPERSAMPLE = 2  # objects are drawn at 2x and averaged down: anti-aliased edges like a photo's
 _SPLIT_CODES = {"train": 1, "val": 2, "clip": 3, "unet": 4, "vae": 5}
 
@@ -128,13 +131,16 @@ def _texture(cls: int, rng, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 
 def render_scene(rng: np.random.Generator, size: int = 128, main: Optional[int] = None) -> Scene:
     """One scene. main=None: 2-4 objects of random classes and sizes; main=c: a large object of class c
-    near the centre with 0-2 smaller ones of other classes (the scenes the CLIP encoder learns from)."""
+    near the centre with 0-2 smaller ones of other classes (the scenes the CLIP encoder learns from);
+    main=0: the background alone (what BACKGROUND_WORD captions)."""
     hi = size * SUPERSAMPLE
     y, x = (np.mgrid[0:hi, 0:hi] + 0.5) / SUPERSAMPLE
     canvas = np.repeat(np.repeat(_background(rng, size), SUPERSAMPLE, 0), SUPERSAMPLE, 1)
     labels = np.zeros((hi, hi), np.uint8)
     n_classes = len(CLASS_NAMES) - 1
-    if main is None:
+    if main == 0:
+        objects, radii, centres = [], [], []
+    elif main is None:
         objects = [int(c) for c in rng.integers(1, n_classes + 1, int(rng.integers(2, 5)))]
         radii = [rng.uniform(0.10, 0.24) * size for _ in objects]
         centres = [rng.uniform(0.12, 0.88, 2) * size for _ in objects]
