@@ -52,7 +52,14 @@ def pipeline_builds(monkeypatch):
     return calls
 
 
-def test_refine_skip_existing_knows_the_models(tmp_path, pipeline_builds, capsys):
+def _cpu_bf16(monkeypatch, native: bool):
+    import g4seg_core.loading.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: (native, "test CPU"))
+
+
+def test_refine_skip_existing_knows_the_models(tmp_path, pipeline_builds, capsys, monkeypatch):
+    _cpu_bf16(monkeypatch, True)  # auto is bfloat16 here: --dtype float32 is another run
     image, mask = _pair(tmp_path)
     ckpt, clip = _weights(tmp_path)
     base = ["refine", image, mask, "--label", "cat", "--out", str(tmp_path / "o"), "--size", "64", "--grid", "0",
@@ -131,3 +138,51 @@ def test_selfcheck_if_missing_never_replaces_a_named_models_partner(tmp_path, ca
     assert main(["refine", image, mask, "--label", "cat", "--out", str(tmp_path / "o"), "--comfyui-dir",
                  str(tmp_path / "none"), "--selfcheck-if-missing", "--size", "64", "--grid", "0"]) == 0
     assert "RANDOM WEIGHTS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_dtype_auto_and_the_dtype_it_picks_are_one_run(tmp_path, pipeline_builds, monkeypatch, native_bf16):
+    """--skip-existing compares the dtype a run computes in, not the flag: on a CPU without native bfloat16,
+    --dtype auto is float32."""
+    _cpu_bf16(monkeypatch, native_bf16)
+    image, mask = _pair(tmp_path)
+    base = ["refine", image, mask, "--label", "cat", "--out", str(tmp_path / "o"), "--size", "64", "--grid", "0",
+            "--skip-existing", "--selfcheck"]
+    assert main(base) == 0 and len(pipeline_builds) == 1
+    assert main(base + ["--dtype", "float32"]) == 0
+    assert len(pipeline_builds) == (2 if native_bf16 else 1)  # the same dtype: done before
+    report = json.loads((tmp_path / "o" / "i_g4seg.json").read_text())
+    assert report["models_key"]["dtype"] == "float32"
+    assert main(base + ["--dtype", "bfloat16"]) == 0 and len(pipeline_builds) == (3 if native_bf16 else 2)
+    assert main(base) == 0 and len(pipeline_builds) == 3  # auto: bfloat16 (done just now) or float32 (redone)
+
+
+def test_segment_key_records_the_clip_file_its_text_tower_would_pick(tmp_path, monkeypatch, capsys):
+    """segment searches the CLIP image encoder for its text tower's width (an SDXL checkpoint pairs with
+    clip_vision_g): the key must change when that file does, not only the plain pick (clip_vision_h)."""
+    loads = []
+
+    def fake_load(args, config):
+        from g4seg_core.models.tiny import tiny_text_to_mask
+
+        loads.append(1)
+        features, tower = tiny_text_to_mask()
+        return features, tower, {"models": "weights", "random_weights": False}
+
+    monkeypatch.setattr(segment_command, "load_models", fake_load)
+    comfy = tmp_path / "comfy"
+    (comfy / "models" / "checkpoints").mkdir(parents=True)
+    (comfy / "models" / "clip_vision").mkdir(parents=True)
+    (comfy / "models" / "checkpoints" / "sd_xl_base.safetensors").write_bytes(b"x" * 10)
+    (comfy / "models" / "clip_vision" / "clip_vision_h.safetensors").write_bytes(b"h" * 10)
+    big_g = comfy / "models" / "clip_vision" / "clip_vision_g.safetensors"
+    big_g.write_bytes(b"g" * 10)
+    image, _ = _pair(tmp_path)
+    argv = ["segment", image, "--classes", "cat", "--out", str(tmp_path / "o"), "--skip-existing",
+            "--comfyui-dir", str(comfy), *SEG]
+    assert main(argv) == 0 and main(argv) == 0 and len(loads) == 1   # same files: done
+    key = json.loads((tmp_path / "o" / "i_segment.json").read_text())["rerun_key"]["models"]["models"]
+    assert key["clip"]["path"].endswith("clip_vision_h.safetensors")
+    assert key["clip_for_text_width_1280"]["path"] == str(big_g.resolve())
+    big_g.write_bytes(b"G" * 11)                                     # the file an SDXL text tower pairs with
+    assert main(argv) == 0 and len(loads) == 2

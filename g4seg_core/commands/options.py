@@ -117,16 +117,25 @@ def _file_stamp(value) -> dict:
     return stamp
 
 
-def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = False) -> dict:
+def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = False,
+               clip_for_text: bool = False) -> dict:
     """What identifies the models a run would load, found without loading them (for --skip-existing): the
-    self-check, or each model file's path, size and modification time; and the device kind and dtype asked for.
-    sd: the SD checkpoint is needed (else recorded when found); text: --text counts."""
-    from ..loading.model_files import find_checkpoint, find_clip_vision
-    from ..loading.precision import default_device
+    self-check, or each model file's path, size and modification time; and the device kind and the dtype it
+    resolves to (--dtype auto and the dtype auto picks are the same run).
+    sd: the SD checkpoint is needed (else recorded when found); text: --text counts; clip_for_text: the CLIP
+    image encoder is searched for the text tower's width (g4seg segment), so the file each width would pick
+    is recorded too where it differs from the plain pick."""
+    import os
 
-    key = {"device": default_device(args.device).split(":")[0], "dtype": str(dtype or "auto")}
-    if args.selfcheck:
-        return {**key, "models": "selfcheck (random weights)"}
+    from ..loading.model_files import CLIP_ENV, CLIP_SEARCH_WIDTHS, find_checkpoint, find_clip_vision
+    from ..loading.precision import default_device, dtype_key
+
+    def key(device: str) -> dict:
+        return {"device": device.split(":")[0], "dtype": dtype_key(dtype, device, getattr(args, "family", None))}
+
+    selfcheck = {"models": "selfcheck (random weights)"}
+    if args.selfcheck:  # the tiny models run where build_pipeline puts them: --device, else the CPU
+        return {**key(args.device or "cpu"), **selfcheck}
     files = {}
     try:
         try:  # the order the models load in: the SD checkpoint first
@@ -136,14 +145,19 @@ def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = Fal
                 raise
         if clip:
             files["clip"] = find_clip_vision(args.clip, args.comfyui_dir)
+            if clip_for_text and not args.clip and not os.environ.get(CLIP_ENV):
+                for width in CLIP_SEARCH_WIDTHS:
+                    picked = find_clip_vision(None, args.comfyui_dir, width=width)
+                    if picked != files["clip"]:
+                        files[f"clip_for_text_width_{width}"] = picked
         if text and getattr(args, "text", None):
             files["text"] = args.text
     except ModelNotFoundError as exc:
         if not args.selfcheck_if_missing:
             raise
         refuse_selfcheck_for_named_models(args, exc)
-        return {**key, "models": "selfcheck (random weights)"}
-    return {**key, "models": {k: _file_stamp(v) for k, v in files.items()}}
+        return {**key(args.device or "cpu"), **selfcheck}
+    return {**key(default_device(args.device)), "models": {k: _file_stamp(v) for k, v in files.items()}}
 
 
 def build_pipeline(args, config: G4SegConfig):

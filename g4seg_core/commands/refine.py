@@ -114,7 +114,9 @@ def output_files(out_dir: Path, stem: str) -> Dict[str, Path]:
 
 
 def _comparable(parameters: dict) -> dict:
-    return {k: v for k, v in parameters.items() if k != "device"}
+    """The parameters that make a result, less device and dtype: models_key holds the device kind and the
+    dtype resolved (--dtype auto and float32 on a CPU without bfloat16 are one run)."""
+    return {k: v for k, v in parameters.items() if k not in ("device", "dtype")}
 
 
 def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, config, models: dict) -> bool:

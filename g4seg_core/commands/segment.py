@@ -204,7 +204,8 @@ def rerun_key(path: Path, segmenter_parameters: dict, classes, g4seg_config, mod
     parameters, and the models (files, or the self-check; device kind and dtype)."""
     refine = None
     if g4seg_config is not None:
-        refine = {k: v for k, v in g4seg_config.to_dict().items() if k != "device"}  # the device kind is in models
+        # the device kind and the resolved dtype are in models
+        refine = {k: v for k, v in g4seg_config.to_dict().items() if k not in ("device", "dtype")}
     return {"image": str(path), "parameters": segmenter_parameters, "synonyms": [list(s) for s in classes.synonyms],
             "background": list(classes.background), "refine": refine, "models": models}
 
@@ -240,7 +241,7 @@ def cmd_segment(args) -> int:
     folder_run = Path(args.image).is_dir()
     g4seg_config = config_from_args(args) if args.refine else None
     check_given_model_paths(args)
-    models = models_key(args, args.dtype, sd=args.refine, text=True)
+    models = models_key(args, args.dtype, sd=args.refine, text=True, clip_for_text=True)
     refuse_overwriting_inputs(args.out, planned_outputs(Path(args.out), images, file_names, args.refine)
                               + ([(Path(args.out) / RUN_REPORT, "the run report")] if folder_run else []),
                               images + ([args.config] if args.config else []),

@@ -188,6 +188,7 @@ def find_checkpoint(explicit: Union[str, Path, None] = None, comfyui_dir: Union[
 
 # Names of image encoders by embedding width: text -> mask prefers the one its text tower pairs with.
 _CLIP_FOR_WIDTH = {512: _CLIP_RANKS[0][0], 768: _CLIP_RANKS[1][0], 1024: _CLIP_RANKS[2][0], 1280: _CLIP_RANKS[3][0]}
+CLIP_SEARCH_WIDTHS = tuple(_CLIP_FOR_WIDTH)  # the widths for which find_clip_vision may pick another file
 
 
 def find_clip_vision(explicit: Union[str, Path, None] = None,

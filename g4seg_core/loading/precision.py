@@ -168,6 +168,19 @@ def resolve_dtype(requested: Union[str, torch.dtype, DtypeChoice, None], device:
     return DtypeChoice(dtype, "asked for")
 
 
+def dtype_key(requested: Union[str, torch.dtype, None], device: Union[str, torch.device],
+              family: Optional[str] = None) -> str:
+    """The dtype a run will compute in, as far as it is known before the models load (for --skip-existing):
+    the resolved name, so `auto` and the dtype it picks are one parameter; "auto" only where auto still
+    depends on the model family (a CUDA GPU with native bfloat16 and no family given). Raises what
+    resolve_dtype raises (float16 on a CPU ...), before any work."""
+    if family is None and str(requested or "auto") == "auto":
+        dev = torch.device(device)
+        if _auto(dev, None).dtype != _auto(dev, "sdxl").dtype:
+            return "auto"
+    return dtype_name(resolve_dtype(requested, device, family).dtype)
+
+
 def _auto(device: torch.device, family: Optional[str]) -> DtypeChoice:
     if device.type == "cuda":
         if family == "sdxl" and _cuda_native_bf16(device):
