@@ -91,6 +91,25 @@ def soften(prob: np.ndarray, mode: str, width: float) -> Tuple[torch.Tensor, str
     return torch.from_numpy(np.array(soft, dtype=np.float32, order="C")), desc  # a writable copy
 
 
+def mask_image_sources(mask_image: torch.Tensor) -> List[Tuple[np.ndarray, str]]:
+    """IMAGE -> one map per image: its luminance; with an alpha channel, the luminance over black
+    (transparent pixels are background: a stroke painted on a transparent layer). A fully transparent
+    image has nothing drawn on it and is refused, not read from the RGB hidden under alpha 0."""
+    imgs = image_batch(mask_image, "mask_image")  # shape and emptiness checked; alpha dropped
+    if mask_image.shape[-1] != 4:
+        return [(image_to_mask(im).clamp(0, 1).cpu().numpy(), "IMAGE input (luminance)") for im in imgs]
+    alphas = (mask_image[None] if mask_image.dim() == 3 else mask_image)[..., 3].float().clamp(0, 1)
+    sources = []
+    for i, (im, alpha) in enumerate(zip(imgs, alphas)):
+        if not bool((alpha > 0).any()):
+            which = f" [{i}]" if len(imgs) > 1 else ""
+            raise G4SegError(f"mask_image{which} is fully transparent (alpha 0 everywhere): nothing is drawn on "
+                             "it; connect an image with the mask painted on it, or the mask as a MASK input")
+        sources.append(((image_to_mask(im) * alpha).clamp(0, 1).cpu().numpy(),
+                        "IMAGE input (luminance over black: transparent pixels are background)"))
+    return sources
+
+
 def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, soften_mode: str, soften_width: float,
                      mask: Optional[torch.Tensor] = None, mask_image: Optional[torch.Tensor] = None, size: int = 0):
     # the knobs' own checks; soften_width is in working-size pixels like everywhere (size 0: the mask's own)
@@ -98,8 +117,7 @@ def load_coarse_mask(image: str, mask_kind: str, class_index_or_name: str, softe
     if mask is not None:
         sources = [(m.clamp(0, 1).cpu().numpy(), "MASK input") for m in mask_batch(mask)]
     elif mask_image is not None:
-        imgs = image_batch(mask_image, "mask_image") if mask_image.shape[-1] != 4 else mask_image.float()
-        sources = [(image_to_mask(im).clamp(0, 1).cpu().numpy(), "IMAGE input (luminance)") for im in imgs]
+        sources = mask_image_sources(mask_image)
     else:
         if not image or image in ("", "(none)"):
             raise G4SegError("no mask: choose a file in the image list (upload one), or connect a MASK/IMAGE")
@@ -147,7 +165,7 @@ class G4SegLoadCoarseMask:
                          "resolution as the working size.")}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Use this MASK (batch allowed) instead of the file."}),
-            "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file."}),
+            "mask_image": ("IMAGE", {"tooltip": "Use this IMAGE's luminance as the mask instead of the file (with an alpha channel: over black, transparent pixels are background)."}),
         }}
 
     @classmethod

@@ -180,3 +180,28 @@ def test_the_node_plans_every_image_before_any_work():
     with pytest.raises(G4SegError, match="168000x336"):
         tn.text_to_mask(NoModel(), None, torch.rand(1, 20, 10000, 3), "cat", ZeroShotConfig(templates="single"),
                         features=features)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 0, 4), (1, 0, 16, 4), (0, 16, 16, 4), (16, 4)])
+def test_load_coarse_mask_refuses_an_empty_rgba_mask_image_naming_the_input(shape):
+    from nodes.mask_nodes import G4SegLoadCoarseMask
+
+    with pytest.raises(G4SegError, match=r"mask_image (is empty|must be an IMAGE)"):
+        G4SegLoadCoarseMask().load("", "auto", "", "sdf", 8.0, mask_image=torch.zeros(shape))
+
+
+def test_load_coarse_mask_reads_rgba_over_black_and_refuses_a_fully_transparent_one():
+    """Transparent pixels are background (a stroke painted on a transparent layer), said in the note; a
+    fully transparent image has nothing drawn on it: refused, not read as 'whole image' from its hidden RGB."""
+    from nodes.mask_nodes import G4SegLoadCoarseMask
+
+    node = G4SegLoadCoarseMask()
+    hidden_white = torch.cat([torch.ones(1, 16, 16, 3), torch.zeros(1, 16, 16, 1)], -1)
+    with pytest.raises(G4SegError, match=r"mask_image is fully transparent.*connect"):
+        node.load("", "auto", "", "none", 8.0, mask_image=hidden_white)
+    stroke = hidden_white.clone()
+    stroke[0, 4:10, 4:10, 3] = 1.0  # white everywhere, opaque only where painted
+    mask, note = node.load("", "auto", "", "none", 8.0, mask_image=stroke)
+    assert mask.shape == (1, 16, 16) and float(mask.sum()) == 36.0 and "transparent" in note
+    opaque = torch.cat([stroke[..., :3] * 0.5, torch.ones(1, 16, 16, 1)], -1)
+    assert torch.allclose(node.load("", "auto", "", "none", 8.0, mask_image=opaque)[0], torch.full((1, 16, 16), 0.5))
