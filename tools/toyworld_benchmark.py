@@ -35,6 +35,13 @@ RUNS = {
     "band_0.1_0.7": (["--band", "0.1", "0.7"], "g4seg"),
     "timestep_200": (["--timestep", "200"], "g4seg"),
     "timestep_600": (["--timestep", "600"], "g4seg"),
+    # soften_width is in working-size pixels: 8 at --size 128 softens 4x more, relative to the image, than at 512
+    "soften_2": (["--soften-width", "2"], "g4seg"),
+    # the toy UNet barely follows the mask at the defaults (tools/toyworld_diagnose.py: steering 0.01):
+    # a 10x stronger injection tests the direction where the generation does move
+    "emi_strong": (["--cross-weight", "10", "--self-weight", "3"], "g4seg"),
+    "emi_strong_generated_to_original": (["--cross-weight", "10", "--self-weight", "3",
+                                          "--direction", "generated_to_original"], "g4seg"),
 }
 
 
