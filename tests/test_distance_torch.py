@@ -91,3 +91,15 @@ def test_signed_distance_maps_cpu_uses_numpy_and_agrees():
     assert torch.equal(got, signed_distance_torch(torch.from_numpy(masks)))
     with pytest.raises(G4SegError, match=r"\[B, H, W\]"):
         signed_distance_maps(torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_blocks_of_masks_rows_and_columns(monkeypatch):
+    """A block budget smaller than one row of one mask splits the query columns too: same values."""
+    rng = np.random.default_rng(5)
+    masks = rng.random((3, 19, 41)) < 0.1
+    want = signed_distance_torch(torch.from_numpy(masks))
+    for budget in (41 * 41 * 2, 41 * 7, 41, 1):
+        monkeypatch.setattr(dt, "_CHUNK_ELEMENTS", budget)
+        assert torch.equal(signed_distance_torch(torch.from_numpy(masks)), want)
+        assert np.array_equal(euclidean_distance_transform_torch(torch.from_numpy(masks)).numpy(),
+                              euclidean_distance_transform(masks))

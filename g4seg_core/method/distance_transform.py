@@ -132,14 +132,22 @@ def _row_pass(g_a: torch.Tensor, g_b: Optional[torch.Tensor] = None,
     x = torch.arange(W, device=g_a.device, dtype=g_a.dtype)
     dx2 = (x[:, None] - x[None, :]) ** 2  # [W query, W candidate]
     out = torch.empty_like(g_a)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, B * W * W))
-    for y0 in range(0, H, rows):  # blocks of rows bound the memory; each block is one vectorised pass
-        sl = slice(y0, min(H, y0 + rows))
-        if g_b is None:
-            cand = g_a[:, sl, None, :] + dx2
-        else:
-            cand = torch.where(pick_a[:, sl, :, None], g_a[:, sl, None, :], g_b[:, sl, None, :]).add_(dx2)
-        out[:, sl] = cand.amin(dim=-1)
+    # Blocks of (masks, rows, query columns) bound the memory; each block is one vectorised pass.
+    cols = min(W, max(1, _CHUNK_ELEMENTS // W))
+    masks = min(B, max(1, _CHUNK_ELEMENTS // (cols * W)))
+    rows = min(H, max(1, _CHUNK_ELEMENTS // (masks * cols * W)))
+    for b0 in range(0, B, masks):
+        bs = slice(b0, b0 + masks)
+        for y0 in range(0, H, rows):
+            ys = slice(y0, y0 + rows)
+            for q0 in range(0, W, cols):
+                qs = slice(q0, q0 + cols)
+                if g_b is None:
+                    cand = g_a[bs, ys, None, :] + dx2[qs]
+                else:
+                    cand = torch.where(pick_a[bs, ys, qs, None], g_a[bs, ys, None, :], g_b[bs, ys, None, :])
+                    cand.add_(dx2[qs])
+                out[bs, ys, qs] = cand.amin(dim=-1)
     return out
 
 
