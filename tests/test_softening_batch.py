@@ -128,3 +128,20 @@ def test_refine_batch_equals_refining_the_numpy_softened_masks():
             np.testing.assert_allclose(g.prob, w.prob, rtol=0, atol=1e-5)
             assert g.prob.dtype == np.float32 and g.coarse.dtype == np.float32 and g.binary.dtype == np.bool_
             assert soften in g.softening
+
+
+def test_device_bench_script_runs_on_a_cpu(tmp_path):
+    """bench/softening_device.py (the GPU check of issue 16) on a CPU at a small size: its checks pass."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "softening_device.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--size", "48", "--batch", "2",
+                          "--repeats", "1", "--json", str(tmp_path / "n.json")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    numbers = json.loads((tmp_path / "n.json").read_text())
+    assert numbers["sdf_max_abs_diff"] <= 1e-5 and numbers["blur_max_abs_diff"] <= 1e-5
+    assert "sdf_batch2" in numbers and "speed-up" in out.stdout
