@@ -145,3 +145,20 @@ def test_device_bench_script_runs_on_a_cpu(tmp_path):
     numbers = json.loads((tmp_path / "n.json").read_text())
     assert numbers["sdf_max_abs_diff"] <= 1e-5 and numbers["blur_max_abs_diff"] <= 1e-5
     assert "sdf_batch2" in numbers and "speed-up" in out.stdout
+
+
+def test_strided_read_only_and_big_endian_maps():
+    base = _disk(32, 48, 16, 20, 9)
+    flipped = np.flipud(base)  # negative strides
+    read_only = base.copy()
+    read_only.setflags(write=False)
+    big_endian = base.astype(">f4")
+    channel = np.stack([base, base], axis=-1)[..., 0]  # a strided view
+    masks = [flipped, read_only, big_endian, channel]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups, _ = prepare_coarse_batch(masks, "cpu", 64, "sdf", 8.0)
+    (rows, maps), = groups
+    for j, mask in enumerate(masks):
+        np.testing.assert_allclose(maps[j].numpy(), prepare_coarse(mask, 64, "sdf", 8.0)[0], atol=1e-5)

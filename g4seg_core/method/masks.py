@@ -158,7 +158,10 @@ def map_tensor(prob) -> Optional[torch.Tensor]:
         return t if t.dtype == torch.float32 else t.float()
     if not isinstance(prob, np.ndarray) or prob.ndim != 2 or prob.size == 0 or prob.dtype.kind not in "biuf":
         return None
-    return torch.from_numpy(prob if prob.dtype == np.float32 else prob.astype(np.float32))
+    arr = np.ascontiguousarray(prob, dtype=np.float32)  # no copy for a contiguous float32 map
+    if not arr.flags.writeable:  # e.g. np.asarray(a PIL image): torch wants memory it may write
+        arr = arr.copy()
+    return torch.from_numpy(arr)
 
 
 STAT_NAMES = ("nonfinite", "min", "max", "binary", "ones")
