@@ -3,8 +3,9 @@
 Conventions (docs/ARCHITECTURE.md): a probability map is a float32 numpy array [H, W]
 with values in [0, 1]. The functions here take and return numpy arrays (torch tensors
 are accepted as input and converted), except resize_maps and the batch helpers at the end
-(map_tensor, map_stats), which keep a batch of maps as tensors on its device. Problems a user can cause raise G4SegError naming
-the fix. Files: mask_files.py; softening: softening.py; label maps: label_maps.py.
+(map_tensor, map_stats), which keep a batch of maps as tensors on its device. Problems a
+user can cause raise G4SegError naming the fix. Files: mask_files.py; softening:
+softening.py; label maps: label_maps.py.
 """
 
 from __future__ import annotations
