@@ -133,6 +133,49 @@ def test_selfcheck_uses_sigma_as_it_records_it(pair, tmp_path):
     assert not np.array_equal(probs["0.1"], probs["50"])
 
 
+def test_refine_selfcheck_builds_the_family_it_records(pair, tmp_path, capsys):
+    """--family under --selfcheck was ignored (the tiny sd21 models ran whatever it said): it now picks the tiny
+    models' family, the report names it, and --skip-existing tells two families apart."""
+    import json
+
+    from PIL import Image
+
+    image, mask = pair
+    generated = {}
+    for family in ("sd21", "sdxl"):
+        out = tmp_path / family
+        assert main(["refine", image, mask, "--label", "cat", "--out", str(out), "--selfcheck", "--size", "64",
+                     "--family", family]) == 0
+        report = json.loads((out / "i_g4seg.json").read_text())
+        assert report["models"] == f"selfcheck (random weights; tiny {family})", report["models"]
+        assert report["models_key"]["family"] == family
+        generated[family] = np.asarray(Image.open(out / "i_generated.png"))
+    assert not np.array_equal(generated["sd21"], generated["sdxl"])
+    capsys.readouterr()
+    assert main(["refine", image, mask, "--label", "cat", "--out", str(tmp_path / "sd21"), "--selfcheck", "--size",
+                 "64", "--skip-existing"]) == 0  # no --family: sd21, done before
+    assert "skipping 1 image(s)" in capsys.readouterr().err
+
+
+def test_segment_selfcheck_runs_in_the_dtype_it_records(pair, tmp_path):
+    """segment's tiny CLIP ran in float32 on the CPU whatever --dtype/--device said: it now runs in them and
+    the report records them, as with weights."""
+    import json
+
+    from PIL import Image
+
+    image, _ = pair
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["segment", image, "--classes", "cat", "--out", str(out), "--selfcheck", "--templates", "single",
+                     "--window", "64", "--stride", "32", "--short-side", "64", "--dtype", dtype]) == 0
+        report = json.loads((out / "i_segment.json").read_text())
+        assert report["device"] == "cpu" and report["dtype"].startswith(dtype), report
+        probs[dtype] = np.asarray(Image.open(out / "i_cat.png"))
+    assert not np.array_equal(probs["float32"], probs["bfloat16"])
+
+
 def test_extreme_aspect_ratios_and_window_counts_are_refused_up_front_naming_the_fix():
     from g4seg_core.zeroshot import MAX_WINDOWS, ZeroShotConfig, plan
 

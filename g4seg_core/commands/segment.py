@@ -77,12 +77,20 @@ def _device(args):
     return default_device(args.device)
 
 
-def _tiny(why: str, config):
+def _tiny(why: str, config, args):
+    """The tiny random CLIP, on --device (else the CPU, as refine's self-check) in --dtype: every segmenter
+    knob, device and dtype are used as with weights, and recorded as they are there."""
+    from ..loading.precision import dtype_name, resolve_dtype
     from ..models.tiny import tiny_text_to_mask
 
     print(RANDOM_BANNER, file=sys.stderr)
-    features, tower = tiny_text_to_mask(sigma=config.sigma)  # every segmenter knob is used, as with weights
-    return features, tower, {"models": f"selfcheck (random weights{why})", "random_weights": True}
+    device = args.device or "cpu"
+    choice = resolve_dtype(args.dtype, device)
+    features, tower = tiny_text_to_mask(sigma=config.sigma)
+    features = features.to(device, choice.dtype)
+    tower.module.to(device, choice.dtype)
+    return features, tower, {"models": f"selfcheck (random weights{why})", "random_weights": True,
+                             "device": device, "dtype": f"{dtype_name(choice.dtype)} ({choice.reason})"}
 
 
 def load_models(args, config):
@@ -91,7 +99,7 @@ def load_models(args, config):
     from ..zeroshot import load_matching_features, load_text_tower
 
     if args.selfcheck:
-        return _tiny("", config)
+        return _tiny("", config, args)
     from ..loading.precision import dtype_name, resolve_dtype
 
     device = _device(args)
@@ -113,7 +121,7 @@ def load_models(args, config):
             raise
         refuse_selfcheck_for_named_models(args, exc)
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
-        return _tiny("; no weights found", config)
+        return _tiny("; no weights found", config, args)
     features = load_matching_features(clip, tower, config.sigma, device, dtype)
     print(f"g4seg segment: text {tower.name}; vision {features.name}", file=sys.stderr)
     return features, tower, {"models": "weights", "random_weights": False, "text": str(text_source),
