@@ -248,3 +248,104 @@ def test_load_coarse_mask_reads_rgba_over_black_and_refuses_a_fully_transparent_
     assert mask.shape == (1, 16, 16) and float(mask.sum()) == 36.0 and "transparent" in note
     opaque = torch.cat([stroke[..., :3] * 0.5, torch.ones(1, 16, 16, 1)], -1)
     assert torch.allclose(node.load("", "auto", "", "none", 8.0, mask_image=opaque)[0], torch.full((1, 16, 16), 0.5))
+
+
+# ---- a fresh round of bad and edge inputs (issue 18's last check) ----------------------------------------------
+def test_refine_with_a_mask_at_another_resolution_writes_every_output(pair, tmp_path):
+    """Any mask resolution with the image's aspect ratio is accepted: the before/after picture was drawn with the
+    half-size mask on the full-size image (IndexError traceback after the work)."""
+    from PIL import Image
+
+    image, mask = pair
+    import json
+
+    Image.open(mask).resize((40, 32), Image.NEAREST).save(tmp_path / "half.png")
+    out = tmp_path / "out"
+    assert main(["refine", image, str(tmp_path / "half.png"), "--label", "cat", "--out", str(out), "--selfcheck",
+                 "--size", "64"]) == 0
+    assert Image.open(out / "i_refined_prob.png").size == (40, 32)  # the mask's size, as documented
+    assert Image.open(out / "i_overlay.png").size[1] == 64 + 18  # the image's height and the caption
+    parameters = json.loads((out / "i_g4seg.json").read_text())["parameters"]
+    assert "beta" in parameters and "bg_power" not in parameters  # a one-class refine has no fusion to weight
+
+
+def test_node_images_and_masks_on_another_scale_are_refused_and_resampling_overshoot_clipped():
+    """A 0..255 IMAGE went through the segmenter (nearly black picture, no error) and a 0..255 or negative MASK was
+    clipped into another mask by Load Coarse Mask; a bicubic resize's overshoot (1.02) was refused by G4SegRefine
+    with 'pass uint8', which a node cannot do. One rule for every node in nodes/common.py."""
+    from nodes import common
+    from nodes.mask_nodes import G4SegLoadCoarseMask
+
+    image = torch.rand(1, 8, 8, 3)
+    with pytest.raises(G4SegError, match=r"image has values in \[.*\], but a ComfyUI IMAGE holds 0..1 .*divide by 255"):
+        common.image_batch(image * 255)
+    with pytest.raises(G4SegError, match="image contains NaN"):
+        common.image_batch(torch.full((1, 8, 8, 3), float("nan")))
+    assert torch.equal(common.image_batch(image * 1.02), (image * 1.02).clamp(0, 1))
+    assert torch.equal(common.image_batch((image * 255).round().to(torch.uint8)), (image * 255).round() / 255)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:6, 2:6] = 1
+    for bad in (mask * 255, mask - 0.5):
+        with pytest.raises(G4SegError, match="mask has values in .* ComfyUI MASK holds 0..1"):
+            G4SegLoadCoarseMask().load("", "auto", "", "sdf", 8.0, mask=bad)
+    assert torch.equal(common.mask_batch(mask * 1.1), mask)
+
+
+def test_mask_files_with_alpha_are_read_over_black_as_the_node_reads_them(tmp_path):
+    """The CLI ignored a mask file's alpha (a white stroke on a transparent layer was 'covers the whole image')
+    while Load Coarse Mask's mask_image reads luminance over black: one rule now."""
+    from PIL import Image
+
+    from g4seg_core.files.mask_files import load_probability
+    from nodes.mask_nodes import mask_image_sources
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere, opaque only where painted
+    rgba[4:10, 4:10, 3] = 255
+    rgba[10, 4:10, 3] = 128  # a soft edge
+    Image.fromarray(rgba).save(tmp_path / "stroke.png")
+    prob = load_probability(tmp_path / "stroke.png")
+    node = mask_image_sources(torch.from_numpy(rgba.astype(np.float32) / 255)[None])[0][0]
+    assert prob[5, 5] == 1 and prob[0, 0] == 0 and abs(prob[10, 5] - 128 / 255) < 1e-6
+    assert np.allclose(prob, node, atol=1e-6)
+    Image.fromarray(rgba[..., [0, 3]].copy(), "LA").save(tmp_path / "la.png")
+    assert np.allclose(load_probability(tmp_path / "la.png"), prob, atol=1e-6)
+    rgba[..., 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    with pytest.raises(G4SegError, match="fully transparent"):
+        load_probability(tmp_path / "clear.png")
+
+
+def test_frames_and_exif_orientation_are_said_not_silently_dropped(tmp_path):
+    """An animated GIF's first frame and an EXIF-rotated JPEG's stored pixels are what is read: the note says so
+    (a mask drawn on the turned view of a square photo would pass every check)."""
+    from PIL import Image
+
+    from g4seg_core.files.image_files import read_rgb
+
+    rgb = np.random.default_rng(0).integers(0, 255, (16, 12, 3), dtype=np.uint8)
+    frames = [Image.fromarray(np.roll(rgb, i, 1)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert "the first of its 3 frames is read" in read_rgb(tmp_path / "anim.gif").note
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    picture = read_rgb(tmp_path / "turned.jpg")
+    assert picture.pixels.shape == (16, 12, 3) and "EXIF orientation 6" in picture.note
+    assert read_rgb(tmp_path / "turned.jpg").note and not read_rgb(_save(tmp_path / "p.png", rgb)).note
+
+
+def test_refine_refuses_its_image_as_its_mask_a_config_key_twice_and_a_flag_it_never_uses(pair, tmp_path, capsys):
+    image, mask = pair
+    out = str(tmp_path / "out")
+    base = ["--label", "cat", "--out", out, "--selfcheck", "--size", "64"]
+    assert main(["refine", image, image, *base]) == 2
+    assert "IMAGE and MASK are both" in capsys.readouterr().err
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"beta": 0.9, "beta": 0.1}')  # json keeps the last one without a word
+    assert main(["refine", image, mask, *base, "--config", str(cfg)]) == 2
+    assert "'beta' given more than once" in capsys.readouterr().err
+    assert main(["refine", image, mask, *base, "--bg-power", "3"]) == 2  # one class: no fusion to weight
+    err = capsys.readouterr().err
+    assert "--bg-power" in err and "segment --refine" in err
+    assert not (tmp_path / "out").exists()

@@ -29,12 +29,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     KNOB_SET.add_arguments(g)
 
 
+def _no_duplicate_keys(pairs) -> dict:
+    """A JSON object; a key given twice is an error (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} given more than once: keep one")
+    return dict(pairs)
+
+
 def config_from_args(args) -> G4SegConfig:
     values = {}
     if getattr(args, "config", None):
         try:
-            loaded = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            loaded = json.loads(Path(args.config).read_text(), object_pairs_hook=_no_duplicate_keys)
+        except (OSError, json.JSONDecodeError, ValueError) as exc:
             raise G4SegError(f"cannot read --config {args.config}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise G4SegError(f"--config {args.config} holds a JSON {type(loaded).__name__}; it must be an object of "
