@@ -349,3 +349,29 @@ def test_refine_refuses_its_image_as_its_mask_a_config_key_twice_and_a_flag_it_n
     err = capsys.readouterr().err
     assert "--bg-power" in err and "segment --refine" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, named", [(["--boundary-ratio", "nan"], "--boundary-ratio"),
+                                          (["--boundary-ratio", "0"], "--boundary-ratio"),
+                                          (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"),
+                                          (["--num-classes", "0"], "--num-classes"),
+                                          (["--num-classes", "300"], "--num-classes"),
+                                          (["--ignore-index", "8"], "--ignore-index")])
+def test_eval_refuses_values_that_score_something_else(flags, named, tmp_path, capsys):
+    """--boundary-ratio nan was a traceback per image, 0 and -1 scored a 1-px band; --limit -1 evaluated all but the
+    last id; --num-classes 0 failed every image; --ignore-index 8 dropped class 8 from every score."""
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass", "coarse"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _save(root / "JPEGImages" / "a.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    labels = np.zeros((16, 16), np.uint8)
+    labels[4:12, 4:12] = 8
+    _save(root / "SegmentationClass" / "a.png", labels)
+    _save(root / "coarse" / "a.png", labels)
+    out = tmp_path / "out"
+    assert main(["eval", str(root), "--coarse", str(root / "coarse"), "--methods", "none", "--out", str(out),
+                 "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not out.exists()
