@@ -127,6 +127,13 @@ def _file_stamp(value) -> dict:
     return stamp
 
 
+def inputs_key(*paths) -> list:
+    """Each input file's size and modification time (for --skip-existing): a photo or mask replaced under the
+    same name is another input, whose earlier outputs are not its own."""
+    stats = [Path(p).stat() for p in paths]
+    return [{"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in zip(paths, stats)]
+
+
 def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = False,
                clip_for_text: bool = False) -> dict:
     """What identifies the models a run would load, found without loading them (for --skip-existing): the

@@ -26,6 +26,7 @@ from .options import (
     build_pipeline,
     check_given_model_paths,
     config_from_args,
+    inputs_key,
     load_image,
     models_key,
 )
@@ -131,7 +132,8 @@ def _comparable(parameters: dict) -> dict:
 
 def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, config, models: dict) -> bool:
     """True if an earlier run wrote every output of this pair with the same parameters and models (files or
-    the self-check, device kind, dtype): a self-check result never stands for a run with real weights."""
+    the self-check, device kind, dtype) on the same image and mask files (size and modification time): a
+    self-check result never stands for a run with real weights, nor an old photo's for a new one's."""
     files = output_files(out_dir, image_path.stem)
     try:
         report = json.loads(files["report"].read_text(encoding="utf-8"))
@@ -140,7 +142,7 @@ def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, conf
     return (isinstance(report, dict) and all(p.is_file() for p in files.values())
             and report.get("image") == str(image_path) and report.get("mask") == str(mask_path)
             and report.get("label") == args.label and report.get("mask_class") == args.mask_class
-            and report.get("models_key") == models
+            and report.get("models_key") == models and report.get("inputs_key") == inputs_key(image_path, mask_path)
             and _comparable(report.get("parameters") or {}) == _comparable(config.to_dict()))
 
 
@@ -231,7 +233,7 @@ def cmd_refine(args) -> int:
             extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
                      "models": models, "clip": getattr(pipe.clip, "name", "clip"),
                      "dtype_used": dtype_name(pipe.dtype), "dtype_reason": pipe.dtype_reason,
-                     "models_key": models_found}
+                     "models_key": models_found, "inputs_key": inputs_key(image_path, mask_path)}
             write_outputs(out_dir, image_path.stem, image, result, extra)
             warning = uniform_map_warning(mask, config.threshold)
             if warning:

@@ -30,6 +30,7 @@ from .options import (
     add_model_arguments,
     check_given_model_paths,
     config_from_args,
+    inputs_key,
     load_image,
     models_key,
     refuse_selfcheck_for_named_models,
@@ -208,13 +209,14 @@ def refused_without_refine(args) -> List[str]:
 
 
 def rerun_key(path: Path, segmenter_parameters: dict, classes, g4seg_config, models: dict) -> dict:
-    """What makes an earlier result of this image the same result (--skip-existing): the image, classes,
-    parameters, and the models (files, or the self-check; device kind and dtype)."""
+    """What makes an earlier result of this image the same result (--skip-existing): the image (its path, size and
+    modification time), classes, parameters, and the models (files, or the self-check; device kind and dtype)."""
     refine = None
     if g4seg_config is not None:
         # the device kind and the resolved dtype are in models
         refine = {k: v for k, v in g4seg_config.to_dict().items() if k not in ("device", "dtype")}
-    return {"image": str(path), "parameters": segmenter_parameters, "synonyms": [list(s) for s in classes.synonyms],
+    return {"image": str(path), "image_file": inputs_key(path)[0], "parameters": segmenter_parameters,
+            "synonyms": [list(s) for s in classes.synonyms],
             "background": list(classes.background), "refine": refine, "models": models}
 
 
