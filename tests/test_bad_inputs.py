@@ -375,3 +375,39 @@ def test_eval_refuses_values_that_score_something_else(flags, named, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
     assert not out.exists()
+
+
+def test_a_class_covering_the_whole_image_passes_through_refine(pair, tmp_path):
+    """Issue 18: `--classes cat --background none --refine` failed late with 'mask covers the whole image' and no
+    class named; one class with no boundary at the threshold is now passed through (multiclass.refine_classes)."""
+    import json
+
+    from g4seg_core.files.mask_files import load_label_map
+
+    image, _ = pair
+    out = tmp_path / "out"
+    assert main(["segment", image, "--classes", "cat", "--background", "none", "--refine", "--size", "64",
+                 "--out", str(out), "--selfcheck", "--templates", "single", "--window", "64", "--stride", "32",
+                 "--short-side", "64"]) == 0
+    report = json.loads((out / "i_segment.json").read_text())
+    assert report["label_fractions"]["cat"] == 1.0 and report["refine"]["refined_classes"] == []
+    assert np.array_equal(load_label_map(out / "refined" / "i.png"), load_label_map(out / "i.png"))
+
+
+def test_a_file_name_too_long_fails_that_image_and_the_rest_go_on(tmp_path, capsys):
+    """Issue 18: an OS error of one image (here ENAMETOOLONG: a 240-character stem and its class) stopped the whole
+    segment folder run with a partial set; it is listed, leaves nothing of that image, and the rest are done."""
+    import json
+
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for stem in ("a", "b" * 240):
+        _save(imgs / f"{stem}.png", rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main(["segment", str(imgs), "--classes", "cat", "--out", str(out), "--selfcheck", "--templates", "single",
+                 "--window", "64", "--stride", "32", "--short-side", "64"]) == 1
+    assert "2 image(s): 1 done, 0 skipped, 1 failed" in capsys.readouterr().err
+    run = json.loads((out / "g4seg_segment_run.json").read_text())
+    assert run["done"] == ["a.png"] and "File name too long" in run["failed"][0]["error"]
+    assert sorted(p.name[:2] for p in out.iterdir()) == ["a.", "a_", "a_", "a_", "g4"]  # nothing of b*240
