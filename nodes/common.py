@@ -96,9 +96,10 @@ def unit_range(t: torch.Tensor, name: str, kind: str) -> torch.Tensor:
         raise G4SegError(f"{name} contains NaN or infinite values: check the node that produced it")
     lo, hi = float(t.min()), float(t.max())
     if lo < -RESAMPLING_OVERSHOOT or hi > 1 + RESAMPLING_OVERSHOOT:
-        scale = " (it looks like 0..255: divide by 255)" if lo >= 0 and hi > 2 else ""
-        raise G4SegError(f"{name} has values in [{lo:.4g}, {hi:.4g}], but a ComfyUI {kind} holds 0..1{scale}: "
-                         f"connect a {kind} in 0..1")
+        scale = "; it looks like 0..255: divide by 255" if lo >= 0 and hi > 10 else ""
+        article = "an" if kind == "IMAGE" else "a"
+        raise G4SegError(f"{name} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1] (a ComfyUI {kind} holds "
+                         f"0..1){scale}: connect {article} {kind} in [0, 1]")
     return t.clamp(0, 1)
 
 

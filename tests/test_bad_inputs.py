@@ -277,7 +277,7 @@ def test_node_images_and_masks_on_another_scale_are_refused_and_resampling_overs
     from nodes.mask_nodes import G4SegLoadCoarseMask
 
     image = torch.rand(1, 8, 8, 3)
-    with pytest.raises(G4SegError, match=r"image has values in \[.*\], but a ComfyUI IMAGE holds 0..1 .*divide by 255"):
+    with pytest.raises(G4SegError, match=r"image has values in \[.*\], outside \[0, 1\] \(a ComfyUI IMAGE .*divide by 255"):
         common.image_batch(image * 255)
     with pytest.raises(G4SegError, match="image contains NaN"):
         common.image_batch(torch.full((1, 8, 8, 3), float("nan")))
@@ -286,7 +286,7 @@ def test_node_images_and_masks_on_another_scale_are_refused_and_resampling_overs
     mask = torch.zeros(1, 8, 8)
     mask[:, 2:6, 2:6] = 1
     for bad in (mask * 255, mask - 0.5):
-        with pytest.raises(G4SegError, match="mask has values in .* ComfyUI MASK holds 0..1"):
+        with pytest.raises(G4SegError, match=r"mask has values in .* outside \[0, 1\] \(a ComfyUI MASK holds 0..1\)"):
             G4SegLoadCoarseMask().load("", "auto", "", "sdf", 8.0, mask=bad)
     assert torch.equal(common.mask_batch(mask * 1.1), mask)
 
