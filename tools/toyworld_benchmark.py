@@ -6,8 +6,9 @@
 
 Coarse masks: the project's synthetic protocols mixed over the held-out images
 (toyworld.MIXED_PROTOCOLS: perturb-0.9/0.8/0.7, lowres-8, dilate-5, erode-5), so the paper's Table VII
-buckets are all filled. Each run is one `g4seg eval` command, printed before it runs; its summary.json
-feeds one row of the table. Every run shares the coarse masks and the G4Seg noise seed, so the
+buckets are all filled. Each run is one `g4seg eval` command, printed before it runs; OUT/table.md is
+rebuilt from every run's summary.json and results.jsonl under OUT (so runs added later join the table):
+the gains by Table VII bucket, then G4Seg's gain by coarse-mask protocol. Every run shares the coarse masks and the G4Seg noise seed, so the
 differences between rows are paired.
 """
 
@@ -27,6 +28,10 @@ BASE = ["--size", "128", "--dtype", "float32"]  # the toy world's 128 px images 
 # name -> (G4Seg flags, methods)
 RUNS = {
     "defaults": ([], "none,densecrf,g4seg,g4seg+densecrf"),
+    # beta 1 keeps every pixel: the coarse maps only softened, then fused like G4Seg's output. The baseline
+    # G4Seg's mixing must beat: softened overlapping masks split by distance to their boundaries, where
+    # binary ones tie (issue 19's measurement found this part of the gain)
+    "soften_only": (["--beta", "1"], "g4seg"),
     "generated_to_original": (["--direction", "generated_to_original"], "g4seg"),
     "emi_off": (["--emi-mode", "off"], "g4seg"),
     "additive": (["--emi-mode", "additive"], "g4seg"),
@@ -35,6 +40,17 @@ RUNS = {
     "band_0.1_0.7": (["--band", "0.1", "0.7"], "g4seg"),
     "timestep_200": (["--timestep", "200"], "g4seg"),
     "timestep_600": (["--timestep", "600"], "g4seg"),
+    # soften_width is in working-size pixels: 8 at --size 128 softens 4x more, relative to the image, than at 512
+    "soften_2": (["--soften-width", "2"], "g4seg"),
+    # the toy UNet barely follows the mask at the defaults (tools/toyworld_diagnose.py: steering 0.01):
+    # a 10x stronger injection tests the direction where the generation does move
+    "emi_strong": (["--cross-weight", "10", "--self-weight", "3"], "g4seg"),
+    "emi_strong_generated_to_original": (["--cross-weight", "10", "--self-weight", "3",
+                                          "--direction", "generated_to_original"], "g4seg"),
+    # beta 0.9 (the paper's weakly supervised value) with the direction, EMI and softening alternatives
+    "beta_0.9_generated_to_original": (["--beta", "0.9", "--direction", "generated_to_original"], "g4seg"),
+    "beta_0.9_emi_off": (["--beta", "0.9", "--emi-mode", "off"], "g4seg"),
+    "beta_0.9_soften_2": (["--beta", "0.9", "--soften-width", "2"], "g4seg"),
 }
 
 
@@ -56,6 +72,48 @@ def row(name, method, summary):
             f"{cell('0-40')} | {cell('40-80')} | {cell('80-100')} |")
 
 
+def protocol_gains(results_file: Path, protocols: dict, method: str = "g4seg") -> dict:
+    """{protocol: (samples, mean IoU before, mean gain)} in IoU points over the (image, class) pairs."""
+    sums: dict = {}
+    for line in results_file.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("method") != method:
+            continue
+        acc = sums.setdefault(protocols[record["id"]], [0, 0.0, 0.0])
+        for cls, before in record["before"]["iou"].items():
+            acc[0] += 1
+            acc[1] += before
+            acc[2] += record["after"]["iou"][cls] - before
+    return {p: (n, 100 * b / n, 100 * g / n) for p, (n, b, g) in sorted(sums.items())}
+
+
+def tables(out: Path) -> str:
+    """The gain table and the per-protocol table of every run under OUT that has a summary (in RUNS order)."""
+    lines = ["| run | mIoU before | after | gain | BIoU before | after | gain | IoU 0-40 | 40-80 | 80-100 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    protocols = dict(line.split("\t") for line in (out / "coarse" / "protocols.txt").read_text().splitlines() if line)
+    by_protocol, counts = {}, None
+    for name, (_, methods) in RUNS.items():
+        path = out / name / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        for method in methods.split(","):
+            if method != "none" and method in summary["methods"]:
+                lines.append(row(name, method, summary))
+        buckets = next(iter(summary["methods"].values()))["buckets"]
+        counts = counts or " / ".join(f"{k}: {v['samples']}" for k, v in buckets.items())
+        by_protocol[name] = protocol_gains(out / name / "results.jsonl", protocols)
+    names = sorted({p for gains in by_protocol.values() for p in gains})
+    lines += ["", f"Samples (image, class) per initial-IoU bucket: {counts}", "",
+              "G4Seg's IoU gain by coarse-mask protocol (mean IoU before in the header):", "",
+              "| run | " + " | ".join(f"{p} ({next(iter(by_protocol.values()))[p][1]:.1f})" for p in names) + " |",
+              "|---|" + "---|" * len(names)]
+    for name, gains in by_protocol.items():
+        lines.append(f"| {name} | " + " | ".join(f"{gains[p][2]:+.2f}" if p in gains else "-" for p in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     from g4seg_core.evaluation.toyworld import write_mixed_coarse
 
@@ -72,27 +130,19 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
     coarse = out / "coarse"
-    if not (coarse / "protocols.txt").is_file():
-        write_mixed_coarse(world, coarse, "val", seed=0, limit=args.limit)
+    protocols = coarse / "protocols.txt"
+    if not protocols.is_file() or len(protocols.read_text().splitlines()) != args.limit:
+        write_mixed_coarse(world, coarse, "val", seed=0, limit=args.limit)  # a new --limit: new coarse masks
+        for stale in (out / name / "summary.json" for name in RUNS):
+            stale.unlink(missing_ok=True)  # scored on the old masks: not mixed into the new table
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    lines = ["| run | mIoU before | after | gain | BIoU before | after | gain | IoU 0-40 | 40-80 | 80-100 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    counts = None
     for name in runs:
         cmd = eval_command(name, world, coarse, models, out, args.limit)
         print("$", " ".join(cmd[1:]), flush=True)
         code = subprocess.call(cmd, env=env, cwd=str(ROOT))
         if code not in (0, 1):
             print(f"{name}: g4seg eval exited {code}", file=sys.stderr)
-            continue
-        summary = json.loads((out / name / "summary.json").read_text())
-        for method in RUNS[name][1].split(","):
-            if method != "none":
-                lines.append(row(name, method, summary))
-        b = summary["methods"]["none"]["buckets"] if "none" in summary["methods"] else next(
-            iter(summary["methods"].values()))["buckets"]
-        counts = counts or " / ".join(f"{k}: {v['samples']}" for k, v in b.items())
-    table = "\n".join(lines) + f"\n\nSamples (image, class) per initial-IoU bucket: {counts}\n"
+    table = tables(out)
     (out / "table.md").write_text(table)
     print(table)
     return 0

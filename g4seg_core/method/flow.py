@@ -30,10 +30,10 @@ from ..config import G4SegConfig
 from ..errors import G4SegError
 from ..knobs import check_finite
 from .injection import InjectionBatch
-from .masks import check_same_framing, resize_maps, validate_probability
+from .masks import check_same_framing, resize_maps
 from .correspondence import grid_match_to_pixels
 from .mixing import feature_match, mix_probabilities
-from .softening import soften_checked
+from .softening import prepare_coarse_batch
 
 
 class Backend(Protocol):
@@ -203,17 +203,19 @@ def prepare_images(backend: Backend, images: Sequence, config: G4SegConfig, timi
 
 def prepare_mask(mask, context: ImageContext, config: G4SegConfig) -> Tuple[np.ndarray, str]:
     """Validate, check the framing against the image, soften a binary mask: (prob at mask size, description)."""
-    prob = validate_probability(mask, name="mask")  # the one validation of the flow
-    check_same_framing(context.size_hw, prob.shape)
-    return soften_checked(prob, max(context.work_hw), config.soften, config.soften_width)
+    groups, descriptions = prepare_masks([mask], [context], config, "cpu")
+    return groups[0][1][0].numpy(), descriptions[0]
 
 
-def _rows_by_shape(probs: Sequence[np.ndarray], device) -> List[Tuple[List[int], torch.Tensor]]:
-    """[(rows, their maps [n, H, W] on `device`)] for each distinct map size, in order of first appearance."""
-    rows_of: Dict[Tuple[int, int], List[int]] = {}
-    for row, prob in enumerate(probs):
-        rows_of.setdefault(tuple(prob.shape), []).append(row)
-    return [(rows, torch.from_numpy(np.stack([probs[r] for r in rows])).to(device)) for rows in rows_of.values()]
+def prepare_masks(masks: Sequence, contexts: Sequence[ImageContext], config: G4SegConfig,
+                  device) -> Tuple[List[Tuple[List[int], torch.Tensor]], List[str]]:
+    """prepare_mask for a batch on `device`: ([(rows, their maps [n, H, W])] per mask size, descriptions).
+
+    The one validation of the flow: the masks of one size go to the device together, are checked there
+    (one host sync for the batch) and softened there as a batch."""
+    work_side = max(contexts[0].work_hw)
+    return prepare_coarse_batch(masks, device, work_side, config.soften, config.soften_width,
+                                check_shape=lambda row, hw: check_same_framing(contexts[row].size_hw, hw))
 
 
 def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, config: Optional[G4SegConfig] = None,
@@ -239,15 +241,14 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
         raise G4SegError("the images of this batch have different working sizes: refine them separately")
     work_hw = contexts[0].work_hw
 
+    # Masks as tensors on the model's device, checked and softened there; rows whose masks share a size move together.
+    groups, softenings = prepare_masks(masks, contexts, config, contexts[0].latent.device)
     encoded: Dict[str, Tuple[Any, List[int]]] = {}  # one text encoding per distinct prompt
-    probs, softenings, prompts, handles, positions = [], [], [], [], []
-    for mask, label, context in zip(masks, labels, contexts):
-        prob, softening = prepare_mask(mask, context, config)
+    prompts, handles, positions = [], [], []
+    for label in labels:
         prompt = config.prompt_for(label)
         if prompt not in encoded:
             encoded[prompt] = backend.prompt(prompt, label, occurrences=config.prompt_template.count("{}"))
-        probs.append(prob)
-        softenings.append(softening)
         prompts.append(prompt)
         handles.append(encoded[prompt][0])
         positions.append(encoded[prompt][1])
@@ -255,8 +256,6 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
 
     with _stage(backend, timings, "unet", progress):
         latents = torch.cat([c.latent for c in contexts])
-        # Masks as tensors on the model's device, one per row; rows whose masks share a size move together.
-        groups = _rows_by_shape(probs, latents.device)
         injection = None
         if config.emi_mode != "off":
             masks = torch.empty(batch, *work_hw, device=latents.device)
@@ -276,17 +275,18 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
     # One batched match for every row, then displacement and mixing per mask size (usually one group).
     orig_feats = torch.stack([c.orig_feats for c in contexts]).to(gen_feats.device)
     match = feature_match(orig_feats, gen_feats, config.direction, config.correspondence_grid)
-    refined_rows: List[Optional[torch.Tensor]] = [None] * batch
+    refined: List[Optional[np.ndarray]] = [None] * batch
+    probs: List[Optional[np.ndarray]] = [None] * batch
     for rows, maps in groups:
         index = torch.tensor(rows, device=match.device)
         delta = grid_match_to_pixels(match.index_select(0, index), *maps.shape[-2:])
-        mixed = mix_probabilities(maps.to(match.device).float(), delta, config.beta, config.band,
-                                  config.iterations).cpu().numpy()
-        check_finite(mixed, "the correspondence and mixing",
+        maps = maps.to(match.device).float()
+        mixed = mix_probabilities(maps, delta, config.beta, config.band, config.iterations)
+        both = torch.stack([mixed.float(), maps]).cpu().numpy()  # refined and coarse maps: one copy to the host
+        check_finite(both[0], "the correspondence and mixing",
                      {k: getattr(config, k) for k in ("beta", "band", "iterations", "correspondence_grid")})
         for j, row in enumerate(rows):
-            refined_rows[row] = mixed[j]
-    refined = [np.ascontiguousarray(r, dtype=np.float32) for r in refined_rows]
+            refined[row], probs[row] = both[0, j], both[1, j]
     matches = match.cpu().numpy()
     backend.sync()
     timings["correspondence_and_mixing"] = time.perf_counter() - start

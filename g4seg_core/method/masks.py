@@ -1,14 +1,16 @@
 """Probability maps in memory: validation and resizing.
 
 Conventions (docs/ARCHITECTURE.md): a probability map is a float32 numpy array [H, W]
-with values in [0, 1]. Every function here takes and returns numpy arrays (torch tensors
-are accepted as input and converted). Problems a user can cause raise G4SegError naming
-the fix. Files: mask_files.py; softening: softening.py; label maps: label_maps.py.
+with values in [0, 1]. The functions here take and return numpy arrays (torch tensors
+are accepted as input and converted), except resize_maps and the batch helpers at the end
+(map_tensor, map_stats), which keep a batch of maps as tensors on its device. Problems a
+user can cause raise G4SegError naming the fix. Files: mask_files.py; softening:
+softening.py; label maps: label_maps.py.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -144,3 +146,44 @@ def resize_maps(maps: torch.Tensor, size_hw: Sequence[int], mode: str = "bilinea
     else:
         out = F.interpolate(t, size=(h, w), mode="area")
     return out[:, 0].clamp_(0.0, 1.0)
+
+
+# ---- batches of maps as tensors: the checks above with one host sync ----------------------------
+def map_tensor(prob) -> Optional[torch.Tensor]:
+    """A numeric [H, W] map as a float32 tensor (numpy float32 shared, not copied; tensors stay on
+    their device), or None when validate_probability has something to say about its type or shape."""
+    if isinstance(prob, torch.Tensor):
+        t = prob.detach()
+        if t.dim() != 2 or t.numel() == 0 or t.is_complex():
+            return None
+        return t if t.dtype == torch.float32 else t.float()
+    if not isinstance(prob, np.ndarray) or prob.ndim != 2 or prob.size == 0 or prob.dtype.kind not in "biuf":
+        return None
+    arr = np.ascontiguousarray(prob, dtype=np.float32)  # no copy for a contiguous float32 map
+    if not arr.flags.writeable:  # e.g. np.asarray(a PIL image): torch wants memory it may write
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+STAT_NAMES = ("nonfinite", "min", "max", "binary", "ones")
+
+
+def map_stats(maps: torch.Tensor) -> torch.Tensor:
+    """Per map of float32 [n, H, W] (any device): float64 [n, 5] in STAT_NAMES' order, on the same device.
+
+    nonfinite: NaN/inf count; min, max: of the raw values; binary: 1 when every value clipped to [0, 1]
+    is within 1e-6 of 0 or 1 (is_binary); ones: how many clipped values round to 1. Read once on the
+    host (one sync for the batch), they decide what validate_probability, soften_checked and
+    _soften_binary would say, in the same float32 arithmetic."""
+    flat = maps.reshape(maps.shape[0], -1)
+    nonfinite = (~torch.isfinite(flat)).sum(dim=1)
+    clipped = flat.clamp(0.0, 1.0)
+    binary = ((clipped.abs() <= 1e-6) | ((clipped - 1.0).abs() <= 1e-6)).all(dim=1)
+    ones = (torch.round(clipped) != 0).sum(dim=1)
+    return torch.stack([nonfinite.double(), flat.amin(dim=1).double(), flat.amax(dim=1).double(),
+                        binary.double(), ones.double()], dim=1)
+
+
+def values_ok(nonfinite: float, lo: float, hi: float) -> bool:
+    """validate_probability's value checks on map_stats numbers (finite, within the range's tolerance)."""
+    return nonfinite == 0 and not (lo < -_RANGE_TOLERANCE or hi > 1.0 + _RANGE_TOLERANCE)

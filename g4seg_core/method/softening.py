@@ -8,30 +8,61 @@ description which softening was used.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import SOFTEN_MODES
-from .distance_transform import signed_distance
+from .distance_transform import signed_distance_maps
 from ..errors import G4SegError
-from .masks import is_binary, validate_probability
+from .masks import is_binary, map_stats, map_tensor, validate_probability, values_ok
 
 
-def _gaussian_blur(prob: np.ndarray, sigma: float) -> np.ndarray:
+def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of float32 maps [B, H, W] on their device, replicate border, clamped."""
     radius = max(1, int(math.ceil(3.0 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).float()
-    t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]
+    kernel = (kernel / kernel.sum()).float().to(maps.device)
+    t = maps.float()[:, None]
     # Replicate padding: a mask touching the image border stays 1 at the border.
     t = F.pad(t, (radius, radius, 0, 0), mode="replicate")
     t = F.conv2d(t, kernel.view(1, 1, 1, -1))
     t = F.pad(t, (0, 0, radius, radius), mode="replicate")
     t = F.conv2d(t, kernel.view(1, 1, -1, 1))
-    return t[0, 0].clamp_(0.0, 1.0).numpy()
+    return t[:, 0].clamp_(0.0, 1.0)
+
+
+def soften_maps(maps: torch.Tensor, mode: str, width: float) -> torch.Tensor:
+    """The softening of _soften_binary for binary maps [B, H, W] (checked, not empty or full), as a
+    batch on their device: float32 [B, H, W]. `width` in pixels of these maps; mode "sdf" or "blur"."""
+    rounded = torch.round(maps.float())
+    if mode == "sdf":
+        # float64 like the numpy reference (MPS has none: float32 there)
+        wide = torch.float32 if maps.device.type == "mps" else torch.float64
+        sd = signed_distance_maps(rounded > 0.5).to(maps.device, wide)
+        return (1.0 / (1.0 + torch.exp(-sd / (width / 4.0)))).float()
+    if mode == "blur":
+        return _gaussian_blur(rounded, width / 2.0)
+    raise G4SegError(f"soften={mode!r}: soften_maps softens with 'sdf' or 'blur'")
+
+
+def _description(mode: str, width: float) -> str:
+    if mode == "sdf":
+        return (f"binary input softened: sigmoid(signed distance / {width / 4.0:g} px) "
+                f"(soften='sdf', width={width:g} px)")
+    return (f"binary input softened: Gaussian blur, sigma {width / 2.0:g} px "
+            f"(soften='blur', width={width:g} px)")
+
+
+def _check_width(width) -> float:
+    width = float(width)
+    if not (math.isfinite(width) and width > 0):
+        raise G4SegError(f"soften_width={width}: use a width in pixels > 0 (default 8), "
+                         f"or soften='none' to keep the binary mask")
+    return width
 
 
 def soften_binary(
@@ -81,20 +112,9 @@ def _soften_binary(arr: np.ndarray, mode: str, width: float, allow_trivial: bool
             "boundary to refine: check that the mask is not inverted and belongs to this class")
     if mode == "none":
         return arr, "binary input, not softened (soften='none')"
-    width = float(width)
-    if not (math.isfinite(width) and width > 0):
-        raise G4SegError(f"soften_width={width}: use a width in pixels > 0 (default 8), "
-                         f"or soften='none' to keep the binary mask")
-    if mode == "sdf":
-        scale = width / 4.0
-        sd = signed_distance(arr > 0.5).astype(np.float64)
-        soft = (1.0 / (1.0 + np.exp(-sd / scale))).astype(np.float32)
-        return soft, (f"binary input softened: sigmoid(signed distance / {scale:g} px) "
-                      f"(soften='sdf', width={width:g} px)")
-    sigma = width / 2.0
-    soft = _gaussian_blur(arr, sigma)
-    return soft, (f"binary input softened: Gaussian blur, sigma {sigma:g} px "
-                  f"(soften='blur', width={width:g} px)")
+    width = _check_width(width)
+    soft = soften_maps(torch.from_numpy(arr)[None], mode, width)[0].numpy()
+    return soft, _description(mode, width)
 
 
 def prepare_coarse(mask, working_size: int = 512, soften: str = "sdf",
@@ -136,3 +156,84 @@ def uniform_map_warning(prob, threshold: float = 0.5) -> Optional[str]:
     side = "every pixel foreground" if value >= threshold else "no pixel foreground"
     return (f"the mask is {value:g} everywhere: it has no boundary, so nothing changes and the binary mask is "
             f"{side} (threshold {threshold:g}); check that the right file/channel was given")
+
+
+Groups = List[Tuple[List[int], torch.Tensor]]
+
+
+def prepare_coarse_batch(masks: Sequence, device, working_size: int = 512, soften: str = "sdf", width: float = 8.0,
+                         check_shape: Optional[Callable[[int, Tuple[int, int]], None]] = None
+                         ) -> Tuple[Groups, List[str]]:
+    """prepare_coarse for a batch, on `device`: ([(rows, their maps float32 [n, H, W])] per mask size in order
+    of first appearance, one description per mask).
+
+    The maps of one size move to the device together and are checked there with one host sync for the
+    whole batch; binary ones are softened there as a batch. A mask that fails a check raises the error
+    prepare_coarse would (the numpy checks are run on it to word it), the first such mask in batch order
+    first. `check_shape(row, (H, W))` runs after a mask's value checks (the flow's framing check).
+    """
+    tensors: List[Any] = []
+    for mask in masks:
+        t = map_tensor(mask)
+        if t is None:  # an odd type or shape: validate_probability converts it or words the problem
+            try:
+                t = torch.from_numpy(validate_probability(mask, name="mask"))
+            except G4SegError as exc:
+                t = exc
+        tensors.append(t)
+    rows_of: Dict[Tuple[int, int], List[int]] = {}
+    for row, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor):
+            rows_of.setdefault(tuple(t.shape), []).append(row)
+    groups: Groups = []
+    for rows in rows_of.values():
+        parts = [tensors[r] for r in rows]
+        if all(p.device.type == "cpu" for p in parts):
+            maps = torch.stack(parts).to(device)  # one copy to the device per mask size
+        else:
+            maps = torch.stack([p.to(device) for p in parts])
+        groups.append((rows, maps))
+    stats_of: Dict[int, List[float]] = {}
+    if groups:
+        stats = torch.cat([map_stats(maps) for _, maps in groups]).cpu().tolist()  # the one host sync
+        stats_of = dict(zip([r for rows, _ in groups for r in rows], stats))
+
+    def numpy_checks(row: int) -> None:
+        """The single-mask path on this mask: it raises the error the batched numbers found."""
+        soften_checked(validate_probability(masks[row], name="mask"), working_size, soften, width)
+        raise AssertionError(f"mask {row}: the batched checks and the numpy checks disagree")
+
+    descriptions: List[str] = []
+    soften_rows: Dict[int, List[int]] = {}  # group -> its rows to soften
+    widths: Dict[int, float] = {}
+    group_of = {r: g for g, (rows, _) in enumerate(groups) for r in rows}
+    for row, t in enumerate(tensors):
+        if isinstance(t, G4SegError):
+            raise t
+        nonfinite, lo, hi, binary, ones = stats_of[row]
+        if not values_ok(nonfinite, lo, hi):
+            validate_probability(masks[row], name="mask")
+            raise AssertionError(f"mask {row}: the batched checks and validate_probability disagree")
+        shape = (int(t.shape[0]), int(t.shape[1]))
+        if check_shape is not None:
+            check_shape(row, shape)
+        if hi <= 0.0 or lo >= 1.0:
+            numpy_checks(row)
+        if binary and soften != "none":
+            if soften not in SOFTEN_MODES or ones == 0 or ones == t.numel():
+                numpy_checks(row)
+            w = _check_width(width * (max(shape) / float(working_size)))  # soften_checked's arithmetic
+            g = group_of[row]
+            soften_rows.setdefault(g, []).append(row)
+            widths[g] = w
+            descriptions.append(_description(soften, w))
+        else:
+            descriptions.append("binary input, softening off" if binary else "soft input, not softened")
+    out: Groups = []
+    for g, (rows, maps) in enumerate(groups):
+        maps = maps.clamp(0.0, 1.0)  # validate_probability's clipping of round-off (a copy: inputs stay as given)
+        if g in soften_rows:
+            local = torch.tensor([rows.index(r) for r in soften_rows[g]], device=maps.device)
+            maps[local] = soften_maps(maps.index_select(0, local), soften, widths[g])
+        out.append((rows, maps))
+    return out, descriptions
