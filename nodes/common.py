@@ -70,7 +70,7 @@ class Progress:
 # --------------------------------------------------------------------------- tensors
 
 def mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """MASK as [B, H, W] float32 (accepts [H, W], [1, H, W], [B, H, W], [B, 1, H, W])."""
+    """MASK as [B, H, W] float32 in [0, 1] (accepts [H, W], [1, H, W], [B, H, W], [B, 1, H, W]; see unit_range)."""
     if not torch.is_tensor(mask):
         raise G4SegError(f"{name} is not a tensor (got {type(mask).__name__}); connect a MASK")
     if mask.dim() == 2:
@@ -81,18 +81,37 @@ def mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         raise G4SegError(f"{name} must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
     if 0 in mask.shape:
         raise G4SegError(f"{name} is empty (shape {tuple(mask.shape)}): connect a mask with at least one pixel")
-    mask = mask.float()
-    if not torch.isfinite(mask).all():
-        raise G4SegError(f"{name} contains NaN or infinite values")
-    return mask
+    return unit_range(mask.float(), name, "MASK")
+
+
+# ComfyUI's bicubic resizes (ImageScale) overshoot [0, 1] by a few hundredths at sharp edges; data on another
+# scale (0..255, -1..1) lies far outside. Within this margin values are clipped, as the flow clips its own resizes.
+RESAMPLING_OVERSHOOT = 0.25
+
+
+def unit_range(t: torch.Tensor, name: str, kind: str) -> torch.Tensor:
+    """An IMAGE/MASK tensor checked to be finite and in [0, 1] (resampling overshoot clipped): other scales are
+    refused naming the fix, never clipped into a wrong mask or picture."""
+    if not torch.isfinite(t).all():
+        raise G4SegError(f"{name} contains NaN or infinite values: check the node that produced it")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -RESAMPLING_OVERSHOOT or hi > 1 + RESAMPLING_OVERSHOOT:
+        scale = "; it looks like 0..255: divide by 255" if lo >= 0 and hi > 10 else ""
+        article = "an" if kind == "IMAGE" else "a"
+        raise G4SegError(f"{name} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1] (a ComfyUI {kind} holds "
+                         f"0..1){scale}: connect {article} {kind} in [0, 1]")
+    return t.clamp(0, 1)
 
 
 def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """IMAGE [B, H, W, C] -> float32 [B, H, W, 3] (alpha dropped, grey repeated)."""
+    """IMAGE [B, H, W, C] -> float32 [B, H, W, 3] in [0, 1] (alpha dropped, grey repeated, uint8 / 255; see
+    unit_range)."""
     if not torch.is_tensor(image) or image.dim() not in (3, 4):
         raise G4SegError(f"{name} must be an IMAGE [B, H, W, C], got {getattr(image, 'shape', type(image))}")
     if image.dim() == 3:
         image = image[None]
+    if image.dtype == torch.uint8:  # 0..255 pixels, as the flow reads uint8 pictures
+        image = image.float() / 255
     c = image.shape[-1]
     if c == 1:
         image = image.repeat(1, 1, 1, 3)
@@ -103,7 +122,7 @@ def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if 0 in image.shape[:3]:
         raise G4SegError(f"{name} is empty (batch x height x width {tuple(image.shape[:3])}): connect an image "
                          "with at least one pixel")
-    return image.float()
+    return unit_range(image.float(), name, "IMAGE")
 
 
 def pair_batches(images: torch.Tensor, masks: torch.Tensor, *, image_name="image",

@@ -133,6 +133,49 @@ def test_selfcheck_uses_sigma_as_it_records_it(pair, tmp_path):
     assert not np.array_equal(probs["0.1"], probs["50"])
 
 
+def test_refine_selfcheck_builds_the_family_it_records(pair, tmp_path, capsys):
+    """--family under --selfcheck was ignored (the tiny sd21 models ran whatever it said): it now picks the tiny
+    models' family, the report names it, and --skip-existing tells two families apart."""
+    import json
+
+    from PIL import Image
+
+    image, mask = pair
+    generated = {}
+    for family in ("sd21", "sdxl"):
+        out = tmp_path / family
+        assert main(["refine", image, mask, "--label", "cat", "--out", str(out), "--selfcheck", "--size", "64",
+                     "--family", family]) == 0
+        report = json.loads((out / "i_g4seg.json").read_text())
+        assert report["models"] == f"selfcheck (random weights; tiny {family})", report["models"]
+        assert report["models_key"]["family"] == family
+        generated[family] = np.asarray(Image.open(out / "i_generated.png"))
+    assert not np.array_equal(generated["sd21"], generated["sdxl"])
+    capsys.readouterr()
+    assert main(["refine", image, mask, "--label", "cat", "--out", str(tmp_path / "sd21"), "--selfcheck", "--size",
+                 "64", "--skip-existing"]) == 0  # no --family: sd21, done before
+    assert "skipping 1 image(s)" in capsys.readouterr().err
+
+
+def test_segment_selfcheck_runs_in_the_dtype_it_records(pair, tmp_path):
+    """segment's tiny CLIP ran in float32 on the CPU whatever --dtype/--device said: it now runs in them and
+    the report records them, as with weights."""
+    import json
+
+    from PIL import Image
+
+    image, _ = pair
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["segment", image, "--classes", "cat", "--out", str(out), "--selfcheck", "--templates", "single",
+                     "--window", "64", "--stride", "32", "--short-side", "64", "--dtype", dtype]) == 0
+        report = json.loads((out / "i_segment.json").read_text())
+        assert report["device"] == "cpu" and report["dtype"].startswith(dtype), report
+        probs[dtype] = np.asarray(Image.open(out / "i_cat.png"))
+    assert not np.array_equal(probs["float32"], probs["bfloat16"])
+
+
 def test_extreme_aspect_ratios_and_window_counts_are_refused_up_front_naming_the_fix():
     from g4seg_core.zeroshot import MAX_WINDOWS, ZeroShotConfig, plan
 
@@ -205,3 +248,166 @@ def test_load_coarse_mask_reads_rgba_over_black_and_refuses_a_fully_transparent_
     assert mask.shape == (1, 16, 16) and float(mask.sum()) == 36.0 and "transparent" in note
     opaque = torch.cat([stroke[..., :3] * 0.5, torch.ones(1, 16, 16, 1)], -1)
     assert torch.allclose(node.load("", "auto", "", "none", 8.0, mask_image=opaque)[0], torch.full((1, 16, 16), 0.5))
+
+
+# ---- a fresh round of bad and edge inputs (issue 18's last check) ----------------------------------------------
+def test_refine_with_a_mask_at_another_resolution_writes_every_output(pair, tmp_path):
+    """Any mask resolution with the image's aspect ratio is accepted: the before/after picture was drawn with the
+    half-size mask on the full-size image (IndexError traceback after the work)."""
+    from PIL import Image
+
+    image, mask = pair
+    import json
+
+    Image.open(mask).resize((40, 32), Image.NEAREST).save(tmp_path / "half.png")
+    out = tmp_path / "out"
+    assert main(["refine", image, str(tmp_path / "half.png"), "--label", "cat", "--out", str(out), "--selfcheck",
+                 "--size", "64"]) == 0
+    assert Image.open(out / "i_refined_prob.png").size == (40, 32)  # the mask's size, as documented
+    assert Image.open(out / "i_overlay.png").size[1] == 64 + 18  # the image's height and the caption
+    parameters = json.loads((out / "i_g4seg.json").read_text())["parameters"]
+    assert "beta" in parameters and "bg_power" not in parameters  # a one-class refine has no fusion to weight
+
+
+def test_node_images_and_masks_on_another_scale_are_refused_and_resampling_overshoot_clipped():
+    """A 0..255 IMAGE went through the segmenter (nearly black picture, no error) and a 0..255 or negative MASK was
+    clipped into another mask by Load Coarse Mask; a bicubic resize's overshoot (1.02) was refused by G4SegRefine
+    with 'pass uint8', which a node cannot do. One rule for every node in nodes/common.py."""
+    from nodes import common
+    from nodes.mask_nodes import G4SegLoadCoarseMask
+
+    image = torch.rand(1, 8, 8, 3)
+    with pytest.raises(G4SegError, match=r"image has values in \[.*\], outside \[0, 1\] \(a ComfyUI IMAGE .*divide by 255"):
+        common.image_batch(image * 255)
+    with pytest.raises(G4SegError, match="image contains NaN"):
+        common.image_batch(torch.full((1, 8, 8, 3), float("nan")))
+    assert torch.equal(common.image_batch(image * 1.02), (image * 1.02).clamp(0, 1))
+    assert torch.equal(common.image_batch((image * 255).round().to(torch.uint8)), (image * 255).round() / 255)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:6, 2:6] = 1
+    for bad in (mask * 255, mask - 0.5):
+        with pytest.raises(G4SegError, match=r"mask has values in .* outside \[0, 1\] \(a ComfyUI MASK holds 0..1\)"):
+            G4SegLoadCoarseMask().load("", "auto", "", "sdf", 8.0, mask=bad)
+    assert torch.equal(common.mask_batch(mask * 1.1), mask)
+
+
+def test_mask_files_with_alpha_are_read_over_black_as_the_node_reads_them(tmp_path):
+    """The CLI ignored a mask file's alpha (a white stroke on a transparent layer was 'covers the whole image')
+    while Load Coarse Mask's mask_image reads luminance over black: one rule now."""
+    from PIL import Image
+
+    from g4seg_core.files.mask_files import load_probability
+    from nodes.mask_nodes import mask_image_sources
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere, opaque only where painted
+    rgba[4:10, 4:10, 3] = 255
+    rgba[10, 4:10, 3] = 128  # a soft edge
+    Image.fromarray(rgba).save(tmp_path / "stroke.png")
+    prob = load_probability(tmp_path / "stroke.png")
+    node = mask_image_sources(torch.from_numpy(rgba.astype(np.float32) / 255)[None])[0][0]
+    assert prob[5, 5] == 1 and prob[0, 0] == 0 and abs(prob[10, 5] - 128 / 255) < 1e-6
+    assert np.allclose(prob, node, atol=1e-6)
+    Image.fromarray(rgba[..., [0, 3]].copy(), "LA").save(tmp_path / "la.png")
+    assert np.allclose(load_probability(tmp_path / "la.png"), prob, atol=1e-6)
+    rgba[..., 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    with pytest.raises(G4SegError, match="fully transparent"):
+        load_probability(tmp_path / "clear.png")
+
+
+def test_frames_and_exif_orientation_are_said_not_silently_dropped(tmp_path):
+    """An animated GIF's first frame and an EXIF-rotated JPEG's stored pixels are what is read: the note says so
+    (a mask drawn on the turned view of a square photo would pass every check)."""
+    from PIL import Image
+
+    from g4seg_core.files.image_files import read_rgb
+
+    rgb = np.random.default_rng(0).integers(0, 255, (16, 12, 3), dtype=np.uint8)
+    frames = [Image.fromarray(np.roll(rgb, i, 1)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert "the first of its 3 frames is read" in read_rgb(tmp_path / "anim.gif").note
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    picture = read_rgb(tmp_path / "turned.jpg")
+    assert picture.pixels.shape == (16, 12, 3) and "EXIF orientation 6" in picture.note
+    assert read_rgb(tmp_path / "turned.jpg").note and not read_rgb(_save(tmp_path / "p.png", rgb)).note
+
+
+def test_refine_refuses_its_image_as_its_mask_a_config_key_twice_and_a_flag_it_never_uses(pair, tmp_path, capsys):
+    image, mask = pair
+    out = str(tmp_path / "out")
+    base = ["--label", "cat", "--out", out, "--selfcheck", "--size", "64"]
+    assert main(["refine", image, image, *base]) == 2
+    assert "IMAGE and MASK are both" in capsys.readouterr().err
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"beta": 0.9, "beta": 0.1}')  # json keeps the last one without a word
+    assert main(["refine", image, mask, *base, "--config", str(cfg)]) == 2
+    assert "'beta' given more than once" in capsys.readouterr().err
+    assert main(["refine", image, mask, *base, "--bg-power", "3"]) == 2  # one class: no fusion to weight
+    err = capsys.readouterr().err
+    assert "--bg-power" in err and "segment --refine" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, named", [(["--boundary-ratio", "nan"], "--boundary-ratio"),
+                                          (["--boundary-ratio", "0"], "--boundary-ratio"),
+                                          (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"),
+                                          (["--num-classes", "0"], "--num-classes"),
+                                          (["--num-classes", "300"], "--num-classes"),
+                                          (["--ignore-index", "8"], "--ignore-index")])
+def test_eval_refuses_values_that_score_something_else(flags, named, tmp_path, capsys):
+    """--boundary-ratio nan was a traceback per image, 0 and -1 scored a 1-px band; --limit -1 evaluated all but the
+    last id; --num-classes 0 failed every image; --ignore-index 8 dropped class 8 from every score."""
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass", "coarse"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _save(root / "JPEGImages" / "a.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    labels = np.zeros((16, 16), np.uint8)
+    labels[4:12, 4:12] = 8
+    _save(root / "SegmentationClass" / "a.png", labels)
+    _save(root / "coarse" / "a.png", labels)
+    out = tmp_path / "out"
+    assert main(["eval", str(root), "--coarse", str(root / "coarse"), "--methods", "none", "--out", str(out),
+                 "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not out.exists()
+
+
+def test_a_class_covering_the_whole_image_passes_through_refine(pair, tmp_path):
+    """Issue 18: `--classes cat --background none --refine` failed late with 'mask covers the whole image' and no
+    class named; one class with no boundary at the threshold is now passed through (multiclass.refine_classes)."""
+    import json
+
+    from g4seg_core.files.mask_files import load_label_map
+
+    image, _ = pair
+    out = tmp_path / "out"
+    assert main(["segment", image, "--classes", "cat", "--background", "none", "--refine", "--size", "64",
+                 "--out", str(out), "--selfcheck", "--templates", "single", "--window", "64", "--stride", "32",
+                 "--short-side", "64"]) == 0
+    report = json.loads((out / "i_segment.json").read_text())
+    assert report["label_fractions"]["cat"] == 1.0 and report["refine"]["refined_classes"] == []
+    assert np.array_equal(load_label_map(out / "refined" / "i.png"), load_label_map(out / "i.png"))
+
+
+def test_a_file_name_too_long_fails_that_image_and_the_rest_go_on(tmp_path, capsys):
+    """Issue 18: an OS error of one image (here ENAMETOOLONG: a 240-character stem and its class) stopped the whole
+    segment folder run with a partial set; it is listed, leaves nothing of that image, and the rest are done."""
+    import json
+
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for stem in ("a", "b" * 240):
+        _save(imgs / f"{stem}.png", rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main(["segment", str(imgs), "--classes", "cat", "--out", str(out), "--selfcheck", "--templates", "single",
+                 "--window", "64", "--stride", "32", "--short-side", "64"]) == 1
+    assert "2 image(s): 1 done, 0 skipped, 1 failed" in capsys.readouterr().err
+    run = json.loads((out / "g4seg_segment_run.json").read_text())
+    assert run["done"] == ["a.png"] and "File name too long" in run["failed"][0]["error"]
+    assert sorted(p.name[:2] for p in out.iterdir()) == ["a.", "a_", "a_", "a_", "g4"]  # nothing of b*240

@@ -80,9 +80,11 @@ def test_load_rgb_equal_channels_and_rgba(tmp_path):
     g = np.array([[0, 102], [204, 255]], dtype=np.uint8)
     Image.fromarray(np.stack([g, g, g], -1)).save(tmp_path / "rgb.png")
     np.testing.assert_allclose(load_probability(tmp_path / "rgb.png"), g / 255.0, atol=1e-7)
-    alpha = np.full_like(g, 7)
-    Image.fromarray(np.stack([g, g, g, alpha], -1)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.stack([g, g, g, np.full_like(g, 255)], -1)).save(tmp_path / "rgba.png")
     np.testing.assert_allclose(load_probability(tmp_path / "rgba.png"), g / 255.0, atol=1e-7)
+    # alpha is no longer ignored: read over black, as Load Coarse Mask reads an RGBA mask_image (test_bad_inputs)
+    Image.fromarray(np.stack([g, g, g, np.full_like(g, 7)], -1)).save(tmp_path / "rgba7.png")
+    np.testing.assert_allclose(load_probability(tmp_path / "rgba7.png"), g / 255.0 * 7 / 255.0, atol=1e-7)
 
 
 def test_load_colour_rgb_errors(tmp_path):

@@ -102,6 +102,25 @@ def test_segment_skip_existing_knows_the_models(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command", ["refine", "segment"])
+def test_skip_existing_knows_the_input_files(command, tmp_path, capsys):
+    """A photo (or mask) replaced under the same name is another input: its earlier outputs were kept as done."""
+    image, mask = _pair(tmp_path)
+    out = str(tmp_path / "o")
+    argv = (["refine", image, mask, "--label", "cat", "--out", out, "--size", "64", "--grid", "0"]
+            if command == "refine" else ["segment", image, "--classes", "cat", "--out", out, *SEG])
+    argv += ["--selfcheck", "--skip-existing"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0 and "skipping 1 image(s)" in capsys.readouterr().err
+    changed = [image, mask] if command == "refine" else [image]
+    for path in changed:
+        os.utime(path, ns=(1, 1))  # as a new copy of another picture under the old name
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "skipping" not in err and "overwriting the earlier outputs of 1 image(s)" in err, err
+
+
+@pytest.mark.parametrize("command", ["refine", "segment"])
 @pytest.mark.parametrize("flag", ["--clip", "--checkpoint"])
 def test_a_named_path_that_does_not_exist_is_named(tmp_path, capsys, command, flag):
     image, mask = _pair(tmp_path)

@@ -131,8 +131,9 @@ def test_duplicate_stem_message_names_the_commands_outputs(tmp_path, capsys, com
     imgs.mkdir()
     _image(imgs / "x.png")
     _image(imgs / "x.jpg")
+    (tmp_path / "masks").mkdir()  # refine refuses IMAGE and MASK naming one folder before it lists the files
     argv = ["segment", str(imgs), "--classes", "cat"] if command == "segment" else \
-        ["refine", str(imgs), str(imgs), "--label", "cat"]
+        ["refine", str(imgs), str(tmp_path / "masks"), "--label", "cat"]
     assert main(argv + ["--out", str(tmp_path / "o"), "--selfcheck"]) == 2
     err = capsys.readouterr().err
     assert example in err and "x.jpg and x.png" in err

@@ -261,6 +261,9 @@ def run_eval(args) -> int:
                          "(or g4seg eval --merge OUT)")
     if not args.out:
         raise G4SegError("give an output folder with --out")
+    if not 0 < args.boundary_ratio <= 1:  # NaN fails this too
+        raise G4SegError(f"--boundary-ratio {args.boundary_ratio}: use a fraction of the image diagonal in (0, 1] "
+                         "(default 0.02)")
     from ..evaluation.baselines import make_refiner, needs_crf, needs_pipeline
     from .options import build_pipeline, check_given_model_paths, config_from_args
     from ..evaluation.datasets import VOCStyleDataset, read_class_names

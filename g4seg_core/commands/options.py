@@ -29,12 +29,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     KNOB_SET.add_arguments(g)
 
 
+def _no_duplicate_keys(pairs) -> dict:
+    """A JSON object; a key given twice is an error (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} given more than once: keep one")
+    return dict(pairs)
+
+
 def config_from_args(args) -> G4SegConfig:
     values = {}
     if getattr(args, "config", None):
         try:
-            loaded = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            loaded = json.loads(Path(args.config).read_text(), object_pairs_hook=_no_duplicate_keys)
+        except (OSError, json.JSONDecodeError, ValueError) as exc:
             raise G4SegError(f"cannot read --config {args.config}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise G4SegError(f"--config {args.config} holds a JSON {type(loaded).__name__}; it must be an object of "
@@ -59,7 +68,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                   "'ViT-B-16:/path/weights.bin' (else $G4SEG_CLIP, else ComfyUI models/clip_vision)")
     g.add_argument("--comfyui-dir", help="a ComfyUI install whose models/ folders are searched (else $COMFYUI_PATH)")
     g.add_argument("--family", choices=("sd15", "sd21", "sd21v", "sdxl"),
-                   help="model family when it cannot be read from the file (SD2.1-768 v-prediction: sd21v)")
+                   help="model family when it cannot be read from the file (SD2.1-768 v-prediction: sd21v); with "
+                        "--selfcheck, the family of the tiny models (default sd21)")
     g.add_argument("--selfcheck", action="store_true",
                    help="use tiny random-weight models: checks the installation, not the result")
     g.add_argument("--selfcheck-if-missing", action="store_true",
@@ -117,6 +127,13 @@ def _file_stamp(value) -> dict:
     return stamp
 
 
+def inputs_key(*paths) -> list:
+    """Each input file's size and modification time (for --skip-existing): a photo or mask replaced under the
+    same name is another input, whose earlier outputs are not its own."""
+    stats = [Path(p).stat() for p in paths]
+    return [{"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in zip(paths, stats)]
+
+
 def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = False,
                clip_for_text: bool = False) -> dict:
     """What identifies the models a run would load, found without loading them (for --skip-existing): the
@@ -134,6 +151,8 @@ def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = Fal
         return {"device": device.split(":")[0], "dtype": dtype_key(dtype, device, getattr(args, "family", None))}
 
     selfcheck = {"models": "selfcheck (random weights)"}
+    if sd:  # the tiny SD models are built for --family (build_pipeline): another family is another result
+        selfcheck["family"] = selfcheck_family(args)
     if args.selfcheck:  # the tiny models run where build_pipeline puts them: --device, else the CPU
         return {**key(args.device or "cpu"), **selfcheck}
     files = {}
@@ -160,13 +179,29 @@ def models_key(args, dtype, sd: bool = True, clip: bool = True, text: bool = Fal
     return {**key(default_device(args.device)), "models": {k: _file_stamp(v) for k, v in files.items()}}
 
 
+SELFCHECK_FAMILY = "sd21"  # the self-check's tiny SD models when no --family is given
+
+
+def selfcheck_family(args) -> str:
+    return getattr(args, "family", None) or SELFCHECK_FAMILY
+
+
+def _tiny_pipeline(args, config: G4SegConfig, why: str):
+    """The tiny random-weight models of --family (else sd21), on --device (else the CPU) in config.dtype."""
+    from ..pipeline import G4SegPipeline
+
+    family = selfcheck_family(args)
+    pipe = G4SegPipeline.tiny(family=family, device=args.device or "cpu", dtype=config.dtype)
+    return pipe, f"selfcheck (random weights{why}; tiny {family})"
+
+
 def build_pipeline(args, config: G4SegConfig):
     from ..pipeline import G4SegPipeline
     from ..loading.precision import dtype_name
 
     if args.selfcheck:
         print(RANDOM_BANNER, file=sys.stderr)
-        return G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype), "selfcheck (random weights)"
+        return _tiny_pipeline(args, config, "")
     try:
         pipe = G4SegPipeline.from_pretrained(args.checkpoint, clip=args.clip, comfyui_dir=args.comfyui_dir,
                                              family=args.family, device=args.device, dtype=config.dtype)
@@ -180,8 +215,7 @@ def build_pipeline(args, config: G4SegConfig):
         refuse_selfcheck_for_named_models(args, exc)
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
         print(RANDOM_BANNER, file=sys.stderr)
-        return (G4SegPipeline.tiny(device=args.device or "cpu", dtype=config.dtype),
-                "selfcheck (random weights; no weights found)")
+        return _tiny_pipeline(args, config, "; no weights found")
 
 
 def load_image(path: Path, convert_rgb: bool, quiet: bool = False):

@@ -26,6 +26,7 @@ from .options import (
     build_pipeline,
     check_given_model_paths,
     config_from_args,
+    inputs_key,
     load_image,
     models_key,
 )
@@ -33,6 +34,8 @@ from .options import (
 OUTPUT_SUFFIXES = {"refined_prob": "_refined_prob.png", "refined_mask": "_refined_mask.png",
                    "overlay": "_overlay.png", "generated": "_generated.png", "report": "_g4seg.json"}
 RUN_REPORT = "g4seg_run.json"  # a folder run's list of done, skipped and failed images
+# knobs a one-class refine never uses: refused as flags, absent from the report and the rerun comparison
+MULTICLASS_ONLY = ("bg_power",)
 
 
 def add_refine_parser(sub) -> None:
@@ -71,6 +74,9 @@ def _pairs(image: Path, mask: Path) -> Tuple[List[Tuple[Path, Path]], Dict[str, 
     for p in (image, mask):
         if not p.exists():
             raise G4SegError(f"{p} does not exist")
+    if image.resolve() == mask.resolve():  # each image would be refined with itself as its mask
+        raise G4SegError(f"IMAGE and MASK are both {image}: give the coarse mask(s) as MASK (a folder of masks "
+                         "named like the images)")
     if image.is_dir() != mask.is_dir():
         raise G4SegError("IMAGE and MASK must both be files or both be folders")
     if not image.is_dir():
@@ -113,15 +119,21 @@ def output_files(out_dir: Path, stem: str) -> Dict[str, Path]:
     return {k: out_dir / f"{stem}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items()}
 
 
+def report_parameters(config) -> dict:
+    """The parameters a one-class refine uses (its report's "parameters")."""
+    return {k: v for k, v in config.to_dict().items() if k not in MULTICLASS_ONLY}
+
+
 def _comparable(parameters: dict) -> dict:
     """The parameters that make a result, less device and dtype: models_key holds the device kind and the
     dtype resolved (--dtype auto and float32 on a CPU without bfloat16 are one run)."""
-    return {k: v for k, v in parameters.items() if k not in ("device", "dtype")}
+    return {k: v for k, v in parameters.items() if k not in ("device", "dtype") + MULTICLASS_ONLY}
 
 
 def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, config, models: dict) -> bool:
     """True if an earlier run wrote every output of this pair with the same parameters and models (files or
-    the self-check, device kind, dtype): a self-check result never stands for a run with real weights."""
+    the self-check, device kind, dtype) on the same image and mask files (size and modification time): a
+    self-check result never stands for a run with real weights, nor an old photo's for a new one's."""
     files = output_files(out_dir, image_path.stem)
     try:
         report = json.loads(files["report"].read_text(encoding="utf-8"))
@@ -130,7 +142,7 @@ def finished_before(out_dir: Path, image_path: Path, mask_path: Path, args, conf
     return (isinstance(report, dict) and all(p.is_file() for p in files.values())
             and report.get("image") == str(image_path) and report.get("mask") == str(mask_path)
             and report.get("label") == args.label and report.get("mask_class") == args.mask_class
-            and report.get("models_key") == models
+            and report.get("models_key") == models and report.get("inputs_key") == inputs_key(image_path, mask_path)
             and _comparable(report.get("parameters") or {}) == _comparable(config.to_dict()))
 
 
@@ -147,7 +159,7 @@ def write_outputs(out_dir: Path, stem: str, image, result, extra: dict) -> dict:
     # a picture travels without its JSON: say on it when the models were random
     title = "refined (G4Seg, RANDOM WEIGHTS: not a real result)" if extra.get("models", "").startswith("selfcheck") \
         else "refined (G4Seg)"
-    report = {"parameters": result.config.to_dict(), **result.summary(), **extra,
+    report = {"parameters": report_parameters(result.config), **result.summary(), **extra,
               "outputs": {k: str(v) for k, v in files.items()}}
     with FileSet() as staged:
         save_probability_png16(result.prob, staged.stage(files["refined_prob"]))
@@ -169,6 +181,10 @@ def cmd_refine(args) -> int:
     from ..models.compiled import check_device as check_compile_device
 
     config = config_from_args(args)
+    unused = [f"--{k.replace('_', '-')}" for k in MULTICLASS_ONLY if getattr(args, k, None) is not None]
+    if unused:
+        raise G4SegError(f"{', '.join(unused)} weights the background in the fusion of several classes (g4seg "
+                         "segment --refine, g4seg eval); g4seg refine refines one class: drop it")
     check_given_model_paths(args)
     models_found = models_key(args, config.dtype)
     folder = Path(args.image).is_dir()
@@ -217,7 +233,7 @@ def cmd_refine(args) -> int:
             extra = {"image": str(image_path), "mask": str(mask_path), "mask_class": args.mask_class,
                      "models": models, "clip": getattr(pipe.clip, "name", "clip"),
                      "dtype_used": dtype_name(pipe.dtype), "dtype_reason": pipe.dtype_reason,
-                     "models_key": models_found}
+                     "models_key": models_found, "inputs_key": inputs_key(image_path, mask_path)}
             write_outputs(out_dir, image_path.stem, image, result, extra)
             warning = uniform_map_warning(mask, config.threshold)
             if warning:

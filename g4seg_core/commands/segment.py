@@ -30,6 +30,7 @@ from .options import (
     add_model_arguments,
     check_given_model_paths,
     config_from_args,
+    inputs_key,
     load_image,
     models_key,
     refuse_selfcheck_for_named_models,
@@ -77,12 +78,20 @@ def _device(args):
     return default_device(args.device)
 
 
-def _tiny(why: str, config):
+def _tiny(why: str, config, args):
+    """The tiny random CLIP, on --device (else the CPU, as refine's self-check) in --dtype: every segmenter
+    knob, device and dtype are used as with weights, and recorded as they are there."""
+    from ..loading.precision import dtype_name, resolve_dtype
     from ..models.tiny import tiny_text_to_mask
 
     print(RANDOM_BANNER, file=sys.stderr)
-    features, tower = tiny_text_to_mask(sigma=config.sigma)  # every segmenter knob is used, as with weights
-    return features, tower, {"models": f"selfcheck (random weights{why})", "random_weights": True}
+    device = args.device or "cpu"
+    choice = resolve_dtype(args.dtype, device)
+    features, tower = tiny_text_to_mask(sigma=config.sigma)
+    features = features.to(device, choice.dtype)
+    tower.module.to(device, choice.dtype)
+    return features, tower, {"models": f"selfcheck (random weights{why})", "random_weights": True,
+                             "device": device, "dtype": f"{dtype_name(choice.dtype)} ({choice.reason})"}
 
 
 def load_models(args, config):
@@ -91,7 +100,7 @@ def load_models(args, config):
     from ..zeroshot import load_matching_features, load_text_tower
 
     if args.selfcheck:
-        return _tiny("", config)
+        return _tiny("", config, args)
     from ..loading.precision import dtype_name, resolve_dtype
 
     device = _device(args)
@@ -113,7 +122,7 @@ def load_models(args, config):
             raise
         refuse_selfcheck_for_named_models(args, exc)
         print(f"no weights found:\n{exc}\n", file=sys.stderr)
-        return _tiny("; no weights found", config)
+        return _tiny("; no weights found", config, args)
     features = load_matching_features(clip, tower, config.sigma, device, dtype)
     print(f"g4seg segment: text {tower.name}; vision {features.name}", file=sys.stderr)
     return features, tower, {"models": "weights", "random_weights": False, "text": str(text_source),
@@ -200,13 +209,14 @@ def refused_without_refine(args) -> List[str]:
 
 
 def rerun_key(path: Path, segmenter_parameters: dict, classes, g4seg_config, models: dict) -> dict:
-    """What makes an earlier result of this image the same result (--skip-existing): the image, classes,
-    parameters, and the models (files, or the self-check; device kind and dtype)."""
+    """What makes an earlier result of this image the same result (--skip-existing): the image (its path, size and
+    modification time), classes, parameters, and the models (files, or the self-check; device kind and dtype)."""
     refine = None
     if g4seg_config is not None:
         # the device kind and the resolved dtype are in models
         refine = {k: v for k, v in g4seg_config.to_dict().items() if k not in ("device", "dtype")}
-    return {"image": str(path), "parameters": segmenter_parameters, "synonyms": [list(s) for s in classes.synonyms],
+    return {"image": str(path), "image_file": inputs_key(path)[0], "parameters": segmenter_parameters,
+            "synonyms": [list(s) for s in classes.synonyms],
             "background": list(classes.background), "refine": refine, "models": models}
 
 

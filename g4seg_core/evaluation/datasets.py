@@ -113,6 +113,13 @@ class VOCStyleDataset:
         self.seed = int(seed)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        if not 2 <= self.num_classes <= 255:  # 8-bit label maps: 0 background, at least one class
+            raise G4SegError(f"--num-classes {self.num_classes}: use 2..255 (background and the classes)")
+        if 0 <= self.ignore_index < self.num_classes:  # that class would leave every score without a word
+            raise G4SegError(f"--ignore-index {self.ignore_index} is one of the {self.num_classes} classes "
+                             f"(0..{self.num_classes - 1}): use the label of unlabelled pixels (VOC: 255)")
+        if limit is not None and int(limit) < 1:
+            raise G4SegError(f"--limit {limit}: use 1 or more (the first N ids), or leave it out for all")
         self.class_names = list(class_names) if class_names else default_class_names(self.num_classes)
         if len(self.class_names) != self.num_classes:
             raise G4SegError(f"{len(self.class_names)} class names for {self.num_classes} classes: "

@@ -187,12 +187,36 @@ def picture_from_image(img: Image.Image, name: str = "image") -> RGBPicture:
     return RGBPicture(rgb, what, True, f"converted from {mode} to RGB{drop}")
 
 
+_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "upside down, mirrored", 5: "rotated and mirrored",
+                 6: "rotated 90° clockwise", 7: "rotated and mirrored", 8: "rotated 90° counter-clockwise"}
+
+
+def stored_as_shown_notes(img: Image.Image) -> List[str]:
+    """What a viewer shows differently from the pixels read (the first frame, as stored): other frames of an
+    animation or multi-page file, an EXIF orientation. Said, never silently applied or dropped."""
+    notes = []
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"the first of its {frames} frames is read")
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in _ORIENTATIONS:
+        notes.append(f"EXIF orientation {orientation}: viewers show it {_ORIENTATIONS[orientation]}, its pixels "
+                     "are read as stored (the outputs follow them; a mask drawn on the turned view does not: turn "
+                     "the file's pixels first, e.g. PIL.ImageOps.exif_transpose or exiftran -a)")
+    return notes
+
+
 def read_rgb(path: PathLike, what: str = "image") -> RGBPicture:
     """Read a picture file (any PIL image, or .npy) as uint8 RGB; see the module docstring."""
     path = os.fspath(path)
     if path.lower().endswith(".npy"):
         return _array_picture(load_npy(path, what), f"{what} {path!r}")
-    return picture_from_image(open_image(path, what), f"{what} {path!r}")
+    img = open_image(path, what)
+    picture = picture_from_image(img, f"{what} {path!r}")
+    notes = stored_as_shown_notes(img)
+    if notes:
+        picture.note = "; ".join(([picture.note] if picture.note else []) + notes)
+    return picture
 
 
 def files_by_stem(folder: Path, exts, what: str, output_example: str) -> Dict[str, Path]:

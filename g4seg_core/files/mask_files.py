@@ -36,7 +36,8 @@ def _load_npy(path: PathLike) -> np.ndarray:
 def load_probability(path: PathLike) -> np.ndarray:
     """Load a coarse foreground map as float32 [H, W] in [0, 1].
 
-    * PNG/other images, grayscale or RGB(A) with equal R, G, B (alpha is ignored):
+    * PNG/other images, grayscale or RGB(A) with equal R, G, B (with alpha: read over black, so transparent
+      pixels are background, as the node's RGBA mask_image; a fully transparent file is refused):
       binary 0/255 or 0/1 8-bit images give exactly {0, 1}; other 8-bit images are
       divided by 255; 16-bit images always by 65535 (that is what save_probability_png16
       writes: a map of near-zero probabilities holds only 0 and 1 and must stay near zero);
@@ -59,8 +60,7 @@ def load_probability(path: PathLike) -> np.ndarray:
     if mode == "1":
         return np.asarray(img, dtype=bool).astype(np.float32)
     if mode in ("L", "LA"):
-        arr = np.asarray(img.getchannel("L"))
-        return _from_8bit(arr)
+        return _over_black(_from_8bit(np.asarray(img.getchannel("L"))), img, path)
     if mode in SIXTEEN_BIT_MODES:
         return (np.asarray(img).astype(np.float64) / 65535.0).astype(np.float32)
     if mode == "I":
@@ -73,6 +73,8 @@ def load_probability(path: PathLike) -> np.ndarray:
         return validate_probability(np.asarray(img, dtype=np.float32), name=f"mask {path!r}")
     if mode in ("RGB", "RGBA"):
         rgb = np.asarray(img.convert("RGB"))
+        if mode == "RGBA":  # colours hidden under alpha 0 are no part of the mask
+            rgb = np.where(np.asarray(img.getchannel("A"))[..., None] > 0, rgb, 0)
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             raise G4SegError(
                 f"{path!r} is a colour image (its R, G and B channels differ), so it looks like a "
@@ -80,9 +82,23 @@ def load_probability(path: PathLike) -> np.ndarray:
                 f"coloured label map (e.g. VOC colours) choose the class (g4seg refine --mask-class cat or 8; "
                 f"Load Coarse Mask (G4Seg)'s class_index_or_name); for a mask, save it as a grayscale PNG "
                 f"(white = foreground)")
-        return _from_8bit(rgb[..., 0])
+        return _over_black(_from_8bit(rgb[..., 0]), img, path)
     raise G4SegError(f"{path!r} has image mode {mode!r}, which is not a mask format; save the "
                      f"mask as an 8- or 16-bit grayscale PNG (white = foreground)")
+
+
+def _over_black(prob: np.ndarray, img, path: str) -> np.ndarray:
+    """A mask with an alpha channel is read over black, as the node reads an RGBA mask_image: transparent pixels
+    are background (a stroke painted on a transparent layer). A fully transparent file has nothing drawn on it."""
+    if "A" not in img.mode:
+        return prob
+    alpha = np.asarray(img.getchannel("A"))
+    if not alpha.any():
+        raise G4SegError(f"{path!r} is fully transparent (alpha 0 everywhere): nothing is drawn on it; save the "
+                         "mask with the foreground painted opaque (white = foreground), or as a grayscale PNG")
+    if alpha.min() == 255:
+        return prob
+    return (prob * (alpha.astype(np.float32) / 255.0)).astype(np.float32)
 
 
 def _from_8bit(arr: np.ndarray) -> np.ndarray:

@@ -24,7 +24,12 @@ def overlay(image: np.ndarray, prob: np.ndarray, color=REFINED_COLOR, alpha: flo
 
 def before_after(image: np.ndarray, coarse: np.ndarray, refined: np.ndarray, threshold: float = 0.5,
                  max_height: int = 512, refined_title: str = "refined (G4Seg)") -> Image.Image:
-    """Two panels side by side: coarse mask (red) | refined mask (green), with captions."""
+    """Two panels side by side: coarse mask (red) | refined mask (green), with captions. The masks may have any
+    size with the image's aspect ratio (refine keeps the mask's): they are drawn resized to the image."""
+    from ..method.masks import resize_probability
+
+    coarse, refined = (resize_probability(m, image.shape[:2]) if np.shape(m) != image.shape[:2] else m
+                       for m in (coarse, refined))
     panels = [overlay(image, coarse, COARSE_COLOR, threshold=threshold),
               overlay(image, refined, REFINED_COLOR, threshold=threshold)]
     h, w = image.shape[:2]
