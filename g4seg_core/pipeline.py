@@ -88,7 +88,7 @@ class G4SegPipeline:
 
     def to_pixels(self, image, size: int) -> torch.Tensor:
         """Image -> [1, 3, size, size] in [0, 1] on the device (flow's resize: antialiased bicubic, no crop)."""
-        return flow.resize_image(flow.image_to_tensor(image)[None], (size, size)).to(self.device)
+        return flow.resize_image(flow.image_to_tensor(image, self.device)[None], (size, size))
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,52 @@ def test_the_unet_call_reads_no_more_on_the_host_injected_than_plain(monkeypatch
             assert call() == plain
 
 
+def _densediffusion_reference(q, k, v, tokens, key, strength):
+    """softmax(L') v with L' = L + s m_i [R (rowmax L - L) - (1 - R)(L - rowmin L)], R = m key^T, per head."""
+    d = q.shape[-1] // HEADS
+    qh, kh, vh = (x.view(-1, HEADS, d).transpose(0, 1) for x in (q, k, v))
+    logits = qh @ kh.transpose(-1, -2) / d ** 0.5
+    related = torch.outer(tokens, key) > 0.5
+    push = torch.where(related, logits.amax(-1, keepdim=True) - logits, -(logits - logits.amin(-1, keepdim=True)))
+    out = (logits + strength * tokens[:, None] * push).softmax(-1) @ vh
+    return out.transpose(0, 1).reshape(-1, HEADS * d)
+
+
+@pytest.mark.parametrize("kind,nk", [("self", 64), ("cross", 77)])
+def test_accelerator_path_equals_cpu_path_and_layers_share_one_build(kind, nk, monkeypatch):
+    """The path a GPU takes (every row's extremes, no host read; the head dimension padded with zeros to a multiple
+    of 8) gives the CPU path's densediffusion attention, and a second layer of the same shape reuses what the first
+    built from the row inputs (one build per call shape, not per layer)."""
+    batch = InjectionBatch.from_config(_masks(), [[5], [2, 3], [7]], G4SegConfig(emi_mode="densediffusion",
+                                                                                 cross_weight=2.0, self_weight=0.7))
+    q, k, v = _qkv(6, 64, nk)
+    layout = dict(kind=kind, grid=(8, 8), image_of_row=(0, 1, 2, 0, 1, 2), active=(False,) * 3 + (True,) * 3)
+    cpu = batch.attention(q, k, v, HEADS, **layout)
+    monkeypatch.setattr(injection, "_select_rows_on", lambda device: False)
+    monkeypatch.setattr(injection, "_padded_width", lambda width, device: -(-width // 8) * 8)  # 9 -> 16
+    accelerator = InjectionBatch.from_config(_masks(), [[5], [2, 3], [7]], G4SegConfig(
+        emi_mode="densediffusion", cross_weight=2.0, self_weight=0.7))
+    first = accelerator.attention(q, k, v, HEADS, **layout)
+    torch.testing.assert_close(first, cpu, atol=1e-5, rtol=1e-5)
+    for row, image in zip(range(3, 6), range(3)):  # and both are DenseDiffusion's formula, written out
+        m = injection.mask_to_tokens(_masks()[image], 8, 8)
+        key = m if kind == "self" else injection.class_indicator([[5], [2, 3], [7]][image], nk)
+        weight = 0.7 if kind == "self" else 2.0
+        want = _densediffusion_reference(q[row], k[row], v[row], m, key, weight * (1 - m.mean()))
+        torch.testing.assert_close(first[row], want, atol=1e-5, rtol=1e-5)
+    derived = [entry[-1] for key, entry in accelerator._cache.items() if key[0] == "rows"]
+    assert len(derived) == 1 and len(derived[0]) == 1
+    (terms,) = derived[0].values()
+    assert terms.key_tail.shape[-1] == 16 - DH and terms.index is None
+    q2, k2, v2 = _qkv(6, 64, nk, seed=1)  # another layer of the same shape
+    second = accelerator.attention(q2, k2, v2, HEADS, **layout)
+    assert len(derived[0]) == 1 and next(iter(derived[0].values())) is terms
+    monkeypatch.undo()
+    torch.testing.assert_close(second, InjectionBatch.from_config(_masks(), [[5], [2, 3], [7]], G4SegConfig(
+        emi_mode="densediffusion", cross_weight=2.0, self_weight=0.7)).attention(q2, k2, v2, HEADS, **layout),
+        atol=1e-5, rtol=1e-5)
+
+
 def _scene(count, size=72):
     rng = np.random.default_rng(3)
     images, masks = [], []
@@ -171,3 +217,18 @@ def test_batch_settings_errors():
     with pytest.raises(G4SegError, match="outside"):
         batch.attention(q, k[:, :1], v[:, :1], HEADS, kind="cross", grid=(4, 4), image_of_row=(0, 0),
                         active=(True, True))
+
+
+def test_images_are_checked_on_the_host_and_moved_before_their_resize():
+    """The flow resizes pixels on the models' device (a uint8 image moves as bytes); checks stay on the host, so a
+    bad float image is refused before anything moves."""
+    from g4seg_core.errors import G4SegError
+    from g4seg_core.method.flow import image_to_tensor
+
+    image = (np.random.default_rng(0).random((5, 7, 3)) * 255).astype(np.uint8)
+    moved = image_to_tensor(image, "meta")
+    assert moved.device.type == "meta" and moved.dtype == torch.float32 and moved.shape == (3, 5, 7)
+    torch.testing.assert_close(image_to_tensor(image), torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+    assert image_to_tensor(image.astype(np.float32) / 255, "meta").device.type == "meta"
+    with pytest.raises(G4SegError, match="NaN"):
+        image_to_tensor(np.full((5, 7, 3), np.nan, np.float32), "meta")

@@ -43,6 +43,8 @@ class Backend(Protocol):
     the backend's own (its latent space and scaling); the flow only reads their shape.
     """
 
+    device: torch.device  # where the flow puts pixels and masks before working on them (the models' device)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
     def prompt(self, prompt: str, label: Optional[str], occurrences: int = 1) -> Tuple[Any, List[int]]:
@@ -106,8 +108,10 @@ class ImageContext:
 
 
 # ---- inputs -------------------------------------------------------------------------------
-def image_to_tensor(image) -> torch.Tensor:
-    """PIL / numpy / torch RGB image [H, W, 3] (uint8, or float in [0, 1]) -> float32 [3, H, W] in [0, 1]."""
+def image_to_tensor(image, device=None) -> torch.Tensor:
+    """PIL / numpy / torch RGB image [H, W, 3] (uint8, or float in [0, 1]) -> float32 [3, H, W] in [0, 1] on
+    `device` (default: the CPU). Checked on the host, where the image is; a uint8 image moves as bytes and is
+    scaled on the device."""
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise G4SegError(f"image mode is {image.mode!r}, G4Seg needs RGB: convert it first "
@@ -119,13 +123,14 @@ def image_to_tensor(image) -> torch.Tensor:
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise G4SegError(f"image is empty ({t.shape[1]}x{t.shape[0]} px)")
     if t.dtype == torch.uint8:
-        t = t.float() / 255.0
+        t = t.to(device).float() / 255.0
     elif t.is_floating_point():
         t = t.float()
         if not torch.isfinite(t).all():
             raise G4SegError("image contains NaN or infinite values")
         if t.min() < 0 or t.max() > 1:
             raise G4SegError("float images must lie in [0, 1]; pass uint8 for 0..255 images")
+        t = t.to(device)
     else:
         raise G4SegError(f"unsupported image dtype {t.dtype}: use uint8 or float in [0, 1]")
     return t.permute(2, 0, 1).contiguous()
@@ -185,7 +190,7 @@ def prepare_images(backend: Backend, images: Sequence, config: G4SegConfig, timi
         if id(image) not in unique:
             unique[id(image)] = len(distinct)
             distinct.append(image)
-    tensors = [image_to_tensor(image) for image in distinct]
+    tensors = [image_to_tensor(image, backend.device) for image in distinct]  # resized on the models' device
     sizes = [tuple(t.shape[-2:]) for t in tensors]
     work = {working_size(config.size, hw) for hw in sizes}
     if len(work) > 1:
@@ -242,7 +247,7 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
     work_hw = contexts[0].work_hw
 
     # Masks as tensors on the model's device, checked and softened there; rows whose masks share a size move together.
-    groups, softenings = prepare_masks(masks, contexts, config, contexts[0].latent.device)
+    groups, softenings = prepare_masks(masks, contexts, config, backend.device)
     encoded: Dict[str, Tuple[Any, List[int]]] = {}  # one text encoding per distinct prompt
     prompts, handles, positions = [], [], []
     for label in labels:

@@ -71,43 +71,47 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return _merge_heads(out)
 
 
-def _additive(q, k, v, heads, row_tokens, key_vectors, weights):
+def _additive(q, k, v, heads, row_tokens, key_vectors, weights, derived: dict):
     """Eq. 5 for every row at once: bias[r, i, j] = w_r m_r[i] r_r[j] / sqrt(d), built in q's dtype (fused
-    kernels add the mask after the 1/sqrt(d) scale; a float32 mask with float16 q is wrong on some backends)."""
+    kernels add the mask after the 1/sqrt(d) scale; a float32 mask with float16 q is wrong on some backends).
+    Its two factors are built once per call shape (`derived`); a layer multiplies them: one kernel, and no
+    [B, Nq, Nk] bias is kept between layers."""
     d = q.shape[-1] // heads
-    coefficient = (weights.float() / math.sqrt(d)).to(q.dtype)[:, None, None]
-    bias = coefficient * row_tokens.to(q.dtype)[:, :, None] * key_vectors.to(q.dtype)[:, None, :]
+    key = ("additive", d, q.dtype)
+    if key not in derived:
+        coefficient = (weights.float() / math.sqrt(d)).to(q.dtype)[:, None, None]
+        derived[key] = (coefficient * row_tokens.to(q.dtype)[:, :, None], key_vectors.to(q.dtype)[:, None, :])
+    query_factor, key_factor = derived[key]
     out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
-                                         attn_mask=bias[:, None])
+                                         attn_mask=(query_factor * key_factor)[:, None])
     return _merge_heads(out)
 
 
 def _row_extremes(qh: torch.Tensor, kh: torch.Tensor, scale: float):
-    """Row max and min of L = q k^T * scale, [B, heads, Nq] each (float32).
+    """Row max and min of L = q k^T * scale, [B, heads, Nq] each, in the matmul's dtype.
 
     One batched q k^T when the logits fit in _DD_BLOCK_ELEMENTS (measured on the CPU: as fast as or faster
     than query chunks, and one kernel on a GPU), query chunks beyond that (bounds memory at large sizes).
     q is scaled before the matmul (the logits themselves, as SDPA computes them: unscaled q k^T can
-    overflow float16), and the extremes are taken in the matmul's own dtype: a float32 copy of every
-    logit costs as much as the bfloat16 matmul itself.
+    overflow float16), and both extremes come from one reduction (aminmax) in the matmul's own dtype: a
+    float32 copy of every logit costs as much as the bfloat16 matmul itself.
     """
     b, h, nq, _ = qh.shape
     nk = kh.shape[2]
     queries, keys_t = qh * scale, kh.transpose(-1, -2)
     chunk = max(1, min(nq, _DD_BLOCK_ELEMENTS // max(1, b * h * nk)))
     if chunk == nq:
-        logits = torch.matmul(queries, keys_t)
-        return logits.amax(dim=-1).float(), logits.amin(dim=-1).float()
+        row_min, row_max = torch.aminmax(torch.matmul(queries, keys_t), dim=-1)
+        return row_max, row_min
     row_max = torch.empty(b, h, nq, dtype=qh.dtype, device=qh.device)
     row_min = torch.empty_like(row_max)
     # Contiguous once: the head-split views would otherwise be copied by every chunk's matmul.
     queries, keys_t = queries.contiguous(), keys_t.contiguous()
     for start in range(0, nq, chunk):
         stop = min(nq, start + chunk)
-        logits = torch.matmul(queries[:, :, start:stop], keys_t)
-        row_max[:, :, start:stop] = logits.amax(dim=-1)
-        row_min[:, :, start:stop] = logits.amin(dim=-1)
-    return row_max.float(), row_min.float()
+        row_min[:, :, start:stop], row_max[:, :, start:stop] = torch.aminmax(
+            torch.matmul(queries[:, :, start:stop], keys_t), dim=-1)
+    return row_max, row_min
 
 
 def _select_rows_on(device: torch.device) -> bool:
@@ -117,24 +121,30 @@ def _select_rows_on(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _foreground_index(rows: torch.Tensor) -> torch.Tensor:
+    """Query positions that are foreground in some batch row (`rows` bool [B, Nq]); reads their count on the host."""
+    return rows.any(dim=0).nonzero().flatten()
+
+
 def _foreground_span(qh: torch.Tensor, kh: torch.Tensor, scale: float, rows: torch.Tensor,
-                     select_rows: Optional[bool] = None) -> torch.Tensor:
+                     select_rows: Optional[bool] = None, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """max_i - min_i of L's rows, [B, heads, Nq] float32; 0 on background rows (`rows`: bool [B or 1, Nq]).
 
     Background rows are not modulated (s_i = 0), so their span is never used. `select_rows` (default
-    _select_rows_on the device) computes only the query rows that are foreground in some batch row.
+    _select_rows_on the device) computes only the query rows that are foreground in some batch row
+    (`index`: those rows, when the caller has them). The difference is taken in float32 (the float16
+    extremes of a wide row can differ by more than float16 holds).
     """
     if select_rows is None:
         select_rows = _select_rows_on(qh.device)
-    rows = rows[:, None, :]  # over heads
     if not select_rows:
         row_max, row_min = _row_extremes(qh, kh, scale)
-        return torch.where(rows, row_max - row_min, 0.0)  # not 0 * span: a span may be inf in float16
+        return torch.where(rows[:, None, :], row_max.float() - row_min, 0.0)  # not 0 * span: a span may be inf
     b, h, nq, _ = qh.shape
     span = torch.zeros(b, h, nq, dtype=torch.float32, device=qh.device)
-    index = rows.any(dim=0).flatten().nonzero().flatten()
+    index = _foreground_index(rows) if index is None else index
     row_max, row_min = _row_extremes(qh.index_select(2, index), kh, scale)
-    span[:, :, index] = torch.where(rows.expand(b, 1, nq)[:, :, index], row_max - row_min, 0.0)
+    span[:, :, index] = torch.where(rows.expand(b, nq)[:, None, index], row_max.float() - row_min, 0.0)
     return span
 
 
@@ -145,17 +155,38 @@ def _padded_width(width: int, device: torch.device) -> int:
     return width if device.type == "cpu" else -(-width // 8) * 8
 
 
-def _padded(x: torch.Tensor, extra: Optional[torch.Tensor], width: int) -> torch.Tensor:
-    """x [B, h, N, d] with `extra` [B, h, N] as dimension d, zeros up to `width` (zero dimensions add nothing
-    to q k^T and nothing to the output)."""
-    parts = [x] + ([] if extra is None else [extra[..., None].to(x.dtype)])
-    used = x.shape[-1] + (0 if extra is None else 1)
-    if width > used:
-        parts.append(x.new_zeros(*x.shape[:-1], width - used))
-    return torch.cat(parts, dim=-1)
+@dataclass
+class _Modulation:
+    """What densediffusion's layers of one shape share, built once per call shape: small tensors (at most 8
+    wide in the head dimension), so a layer launches only its own work."""
+
+    rows: torch.Tensor  # bool [B, Nq]: the modulated query rows
+    strength: torch.Tensor  # float32 [B, 1, 1]: w (1 - s*area) per batch row
+    query_factor: torch.Tensor  # [B, 1, Nq, 1] in q's dtype: 1 - s_i
+    query_tail: Optional[torch.Tensor]  # zeros [B, h, Nq, width - d - 1] (padding), None when unpadded
+    key_tail: torch.Tensor  # [B, h, Nk, width - d]: the key indicator, then zeros
+    value_tail: torch.Tensor  # zeros [B, h, Nk, width - d]
+    index: Optional[torch.Tensor]  # foreground query positions (CPU path, _select_rows_on), else None
+
+    @classmethod
+    def build(cls, qh: torch.Tensor, num_keys: int, row_tokens, key_vectors, weights, area_scales) -> "_Modulation":
+        b, h, nq, d = qh.shape
+        area = row_tokens.mean(dim=-1).to(weights.dtype)
+        # w (1 - s*area) in the weights' (wide) dtype, then float32: the numbers a host computation gave
+        strength = (weights * (1.0 - area_scales * area).clamp_min(0.0)).float()  # [B]
+        rows = row_tokens > 0.5
+        width = _padded_width(d + 1, qh.device)
+        zeros = lambda n, extra: qh.new_zeros(b, h, n, extra)  # noqa: E731
+        key_column = key_vectors[:, None, :, None].expand(b, h, num_keys, 1).to(qh.dtype)
+        return cls(rows=rows, strength=strength[:, None, None],
+                   query_factor=(1.0 - strength[:, None] * row_tokens).to(qh.dtype)[:, None, :, None],
+                   query_tail=zeros(nq, width - d - 1) if width > d + 1 else None,
+                   key_tail=torch.cat([key_column, zeros(num_keys, width - d - 1)], dim=-1),
+                   value_tail=zeros(num_keys, width - d),
+                   index=_foreground_index(rows) if _select_rows_on(qh.device) else None)
 
 
-def _densediffusion(q, k, v, heads, row_tokens, key_vectors, weights, area_scales):
+def _densediffusion(q, k, v, heads, row_tokens, key_vectors, weights, area_scales, derived: dict):
     """DenseDiffusion's modulation through one fused attention call for every row, no [Nq, Nk] tensor kept.
 
     On a modulated row i of batch row r (s_ri = w_r (1 - s*area_r) m_r[i]), with R[i, j] = m_r[i] key_r[j]
@@ -166,34 +197,37 @@ def _densediffusion(q, k, v, heads, row_tokens, key_vectors, weights, area_scale
     scaled by (1 - s_i) plus a rank-1 bias, applied exactly by appending one dimension to
     q and k (and a zero one to v) while keeping the original 1/sqrt(d) scale. The head dimension
     is padded with zeros to a multiple of 8 on accelerators so fused (flash) kernels apply (_padded_width).
-    A row whose tokens are all zero (background, unmodulated, area 0) is plain attention.
+    A row whose tokens are all zero (background, unmodulated, area 0) is plain attention. What depends
+    only on the rows (_Modulation) is built once per call shape (`derived`) and shared by its layers.
     """
     qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
-    b, h, nq, d = qh.shape
+    d = qh.shape[-1]
+    key = ("densediffusion", heads, d, q.dtype, k.shape[1])
+    if key not in derived:
+        derived[key] = _Modulation.build(qh, k.shape[1], row_tokens, key_vectors, weights, area_scales)
+    terms = derived[key]
     scale = 1.0 / math.sqrt(d)
-    area = row_tokens.mean(dim=-1).to(weights.dtype)
-    # w (1 - s*area) in the weights' (wide) dtype, then float32: the numbers a host computation gave
-    strength = (weights * (1.0 - area_scales * area).clamp_min(0.0)).float()  # [B]
-    s_rows = strength[:, None] * row_tokens  # [B, Nq]
-    span = _foreground_span(qh, kh, scale, row_tokens > 0.5)  # [B, heads, Nq]
-    bias_scale = strength[:, None, None] * span / scale
-    width = _padded_width(d + 1, q.device)
-    q_ext = _padded(qh * (1.0 - s_rows).to(qh.dtype)[:, None, :, None], bias_scale, width)
-    k_ext = _padded(kh, key_vectors[:, None, :].expand(b, h, -1), width)
-    v_ext = _padded(vh, None, width)
+    span = _foreground_span(qh, kh, scale, terms.rows, select_rows=terms.index is not None, index=terms.index)
+    bias_scale = terms.strength * span / scale
+    q_ext = torch.cat([qh * terms.query_factor, bias_scale[..., None].to(qh.dtype)]
+                      + ([] if terms.query_tail is None else [terms.query_tail]), dim=-1)
+    k_ext = torch.cat([kh, terms.key_tail], dim=-1)
+    v_ext = torch.cat([vh, terms.value_tail], dim=-1)
     out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)[..., :d]
     return _merge_heads(out)
 
 
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, mode: str, kind: str,
                       row_tokens: torch.Tensor, class_keys: Optional[torch.Tensor], weights: torch.Tensor,
-                      area_scales: torch.Tensor) -> torch.Tensor:
+                      area_scales: torch.Tensor, derived: Optional[dict] = None) -> torch.Tensor:
     """Injected attention for a whole batch in one call, each row with its own mask, class tokens and weight.
 
     q, k, v [B, N, heads*d]; row_tokens [B, Nq] 0/1 (all zero: plain attention for that row, e.g. the
     unconditional half under CFG); class_keys [B, Nk] 0/1 class-token indicators (cross; unused for self,
     whose relation is the mask itself); weights, area_scales [B] (weight 0: plain attention; wide_dtype). All on q's
-    device; nothing here reads a device value on the host. Returns [B, Nq, heads*d].
+    device; nothing here reads a device value on the host. `derived`: a dict kept for every layer that gets
+    these same row inputs (InjectionBatch keeps one per call shape): what depends only on them is built once
+    there. Returns [B, Nq, heads*d].
     """
     if mode not in MODES:
         raise G4SegError(f"EMI mode {mode!r}: choose one of {MODES}")
@@ -205,9 +239,10 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
         key_vectors = class_keys
     else:
         raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
+    derived = {} if derived is None else derived
     if mode == "additive":
-        return _additive(q, k, v, heads, row_tokens, key_vectors, weights)
-    return _densediffusion(q, k, v, heads, row_tokens, key_vectors, weights, area_scales)
+        return _additive(q, k, v, heads, row_tokens, key_vectors, weights, derived)
+    return _densediffusion(q, k, v, heads, row_tokens, key_vectors, weights, area_scales, derived)
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
@@ -380,7 +415,8 @@ class InjectionBatch:
 
     def row_inputs(self, kind: str, grid: Tuple[int, int], num_keys: int, image_of_row: Tuple[int, ...],
                    active: Tuple[bool, ...], timestep: float, device):
-        """(row_tokens [R, Nq], class_keys [R, Nk] or None, weights [R], area_scales [R]) for batched_attention."""
+        """(row_tokens [R, Nq], class_keys [R, Nk] or None, weights [R], area_scales [R], derived) for
+        batched_attention; `derived` is the dict its layers share for what they build from these inputs."""
         key = ("rows", kind, tuple(grid), num_keys, image_of_row, active, float(timestep), str(device))
         if key not in self._cache:
             if kind not in ("self", "cross"):
@@ -400,7 +436,7 @@ class InjectionBatch:
                        if kind == "cross" else None)
             wide = wide_dtype(torch.device(device))
             self._cache[key] = (tokens, classes, torch.tensor(weights, dtype=wide).to(device),
-                                torch.tensor([self.area_scales[i] for i in image_of_row], dtype=wide).to(device))
+                                torch.tensor([self.area_scales[i] for i in image_of_row], dtype=wide).to(device), {})
         return self._cache[key]
 
     def attention(self, q, k, v, heads: int, *, kind: str, grid: Tuple[int, int], image_of_row: Tuple[int, ...],
@@ -414,7 +450,7 @@ class InjectionBatch:
             raise G4SegError(f"a {grid[0]}x{grid[1]} token grid does not hold {q.shape[1]} queries")
         if self.mode == "off" or not any(active):
             return plain_attention(q, k, v, heads)
-        tokens, classes, weights, area_scales = self.row_inputs(kind, grid, k.shape[1], tuple(image_of_row),
-                                                                tuple(active), timestep, q.device)
+        tokens, classes, weights, area_scales, derived = self.row_inputs(kind, grid, k.shape[1], tuple(image_of_row),
+                                                                         tuple(active), timestep, q.device)
         return batched_attention(q, k, v, heads, mode=self.mode, kind=kind, row_tokens=tokens, class_keys=classes,
-                                 weights=weights, area_scales=area_scales)
+                                 weights=weights, area_scales=area_scales, derived=derived)

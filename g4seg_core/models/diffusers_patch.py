@@ -7,7 +7,7 @@ All math lives in `injection.py`; this module only adapts diffusers' Attention m
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +26,7 @@ class InjectionState:
     # Rows to modulate, host bools [B] (the cond rows under CFG, whose rows are [uncond images..., cond
     # images...]); None: every row. Row r is image r % len(injection).
     apply_to: Optional[Sequence[bool]] = None
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.injection, InjectionSettings):
@@ -34,13 +35,19 @@ class InjectionState:
             self.apply_to = self.apply_to.tolist()  # once, at construction: the layers read host values
 
     def attention(self, q, k, v, heads: int, kind: str) -> torch.Tensor:
-        rows, images = q.shape[0], len(self.injection)
-        if rows % images:
-            raise G4SegError(f"{rows} attention rows do not split over {images} images")
-        active = tuple(bool(a) for a in self.apply_to) if self.apply_to is not None else (True,) * rows
+        image_of_row, active = self._layout(q.shape[0])
         return self.injection.attention(q, k, v, heads, kind=kind, grid=grid_for_tokens(q.shape[1], *self.latent_hw),
-                                        image_of_row=tuple(r % images for r in range(rows)), active=active,
-                                        timestep=self.timestep)
+                                        image_of_row=image_of_row, active=active, timestep=self.timestep)
+
+    def _layout(self, rows: int) -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
+        """(image of each attention row, rows to modulate): built once per call, not per layer."""
+        if rows not in self._layouts:
+            images = len(self.injection)
+            if rows % images:
+                raise G4SegError(f"{rows} attention rows do not split over {images} images")
+            active = tuple(bool(a) for a in self.apply_to) if self.apply_to is not None else (True,) * rows
+            self._layouts[rows] = (tuple(r % images for r in range(rows)), active)
+        return self._layouts[rows]
 
 
 class G4SegAttnProcessor:

@@ -84,6 +84,10 @@ def sample_one_step(model, positive, negative, samples: torch.Tensor, noise: tor
 class ComfyBackend:
     """g4seg_core.method.flow.Backend on ComfyUI's MODEL, CLIP, VAE and CLIP_VISION (see the module docstring)."""
 
+    # The flow's pixels and masks stay on the host: ComfyUI's VAE takes host pixels and moves them to the device
+    # it manages, its latents come back on the host, and its model patches place what they use.
+    device = torch.device("cpu")
+
     def __init__(self, model, clip, vae, clip_vision=None, extractor=None):
         attention_patch.model_family(model)  # fail early on unsupported models
         self.model, self.clip, self.vae, self.clip_vision = model, clip, vae, clip_vision
