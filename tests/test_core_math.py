@@ -195,7 +195,7 @@ def test_row_extremes_equal_scaling_every_logit_first(dtype, monkeypatch):
     logits = torch.matmul(qh, kh.transpose(-1, -2)).float() * 0.35
     monkeypatch.setattr(injection, "_DD_BLOCK_ELEMENTS", 2 * 12 * 4)  # chunks of 4 query rows
     row_max, row_min = injection._row_extremes(qh, kh, 0.35)
-    assert row_max.dtype == row_min.dtype == dtype  # one reduction in the matmul's dtype; the span is float32
+    assert row_max.dtype == row_min.dtype == dtype  # taken in the matmul's dtype; the span is float32
     row_max, row_min = row_max.float(), row_min.float()
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # chunked matmuls may round differently, nothing more
     assert torch.allclose(row_max, logits.amax(-1), atol=tol) and torch.allclose(row_min, logits.amin(-1), atol=tol)

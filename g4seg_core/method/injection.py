@@ -93,24 +93,26 @@ def _row_extremes(qh: torch.Tensor, kh: torch.Tensor, scale: float):
     One batched q k^T when the logits fit in _DD_BLOCK_ELEMENTS (measured on the CPU: as fast as or faster
     than query chunks, and one kernel on a GPU), query chunks beyond that (bounds memory at large sizes).
     q is scaled before the matmul (the logits themselves, as SDPA computes them: unscaled q k^T can
-    overflow float16), and both extremes come from one reduction (aminmax) in the matmul's own dtype: a
-    float32 copy of every logit costs as much as the bfloat16 matmul itself.
+    overflow float16), and the extremes are taken in the matmul's own dtype: a float32 copy of every logit
+    costs as much as the bfloat16 matmul itself. (amax and amin, not torch.aminmax: on this project's CPU
+    aminmax takes 113 ms for 5x4096x4096 logits where amax + amin take 37-39 ms.)
     """
     b, h, nq, _ = qh.shape
     nk = kh.shape[2]
     queries, keys_t = qh * scale, kh.transpose(-1, -2)
     chunk = max(1, min(nq, _DD_BLOCK_ELEMENTS // max(1, b * h * nk)))
     if chunk == nq:
-        row_min, row_max = torch.aminmax(torch.matmul(queries, keys_t), dim=-1)
-        return row_max, row_min
+        logits = torch.matmul(queries, keys_t)
+        return logits.amax(dim=-1), logits.amin(dim=-1)
     row_max = torch.empty(b, h, nq, dtype=qh.dtype, device=qh.device)
     row_min = torch.empty_like(row_max)
     # Contiguous once: the head-split views would otherwise be copied by every chunk's matmul.
     queries, keys_t = queries.contiguous(), keys_t.contiguous()
     for start in range(0, nq, chunk):
         stop = min(nq, start + chunk)
-        row_min[:, :, start:stop], row_max[:, :, start:stop] = torch.aminmax(
-            torch.matmul(queries[:, :, start:stop], keys_t), dim=-1)
+        logits = torch.matmul(queries[:, :, start:stop], keys_t)
+        row_max[:, :, start:stop] = logits.amax(dim=-1)
+        row_min[:, :, start:stop] = logits.amin(dim=-1)
     return row_max, row_min
 
 
