@@ -2,7 +2,8 @@
 # G4Seg on a GPU in one go (a few minutes on an H100/H200-class machine): installs what is
 # missing, runs `g4seg bench --device cuda` (float16 with a float32 reference on the same
 # weights in the same run; a batch of distinct images, masks and class names against its bare
-# passes; FLOPs and TFLOP/s per stage; torch operators per refine; eager vs --compile), words ->
+# passes; FLOPs and TFLOP/s per stage; torch operators per refine; eager vs --compile), mask
+# preparation on the device (bench/softening_device.py: exactness there, ms per mask), words ->
 # masks (bench/text_to_mask.py: first run with 80 templates, cached runs), then the node-vs-core
 # comparison when a ComfyUI checkout is given (COMFYUI_PATH), and prints one summary table.
 #
@@ -91,6 +92,10 @@ if [ "$COMPILE" = 1 ]; then
 fi
 run "$PY" -m g4seg_core.commands.main bench --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --batch "$BATCH" \
     --repeats "$REPEATS" ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"} --json "$OUT/core.json"
+
+# ---- masks prepared on the device: torch signed distance equal to numpy there, ms per mask old vs batched
+run "$PY" "$ROOT/bench/softening_device.py" --device "$DEVICE" --size "$SIZE" --batch "$BATCH" --repeats "$REPEATS" \
+    --json "$OUT/softening.json"
 
 # ---- words -> masks: full-size ViT-H/14 towers, first run (80 templates) and cached runs
 if [ "$TEXT" = 1 ]; then

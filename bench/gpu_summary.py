@@ -1,4 +1,4 @@
-"""The one summary bench/gpu.sh prints: python bench/gpu_summary.py OUT_DIR (core.json [+ text.json, comfy_text.json, comfyui.json])."""
+"""The one summary bench/gpu.sh prints: python bench/gpu_summary.py OUT_DIR (core.json [+ softening.json, text.json, comfy_text.json, comfyui.json])."""
 
 import json
 import statistics
@@ -27,6 +27,13 @@ if "float32_reference" in core:
           f"latent rel err {a['vae_encode_latent_rel_err']:.2%}, UNet {a['unet_output_rel_err']:.2%}, image "
           f"{a['vae_decode_image_rel_err']:.2%}, refined prob max diff {a['refined_prob_max_abs_diff']:.4f}, "
           f"binary IoU {a['binary_iou']:.4f}")
+softening = out / "softening.json"
+if softening.exists():
+    m = json.loads(softening.read_text())
+    rows = [f"{key} {row['numpy_per_mask_ms']:.2f} -> {row['batched_per_mask_ms']:.2f} ms/mask"
+            for key, row in m.items() if isinstance(row, dict)]
+    print(f"masks prepared on {m['device']} ({m['size']}², numpy one by one -> batched on the device): "
+          + "; ".join(rows) + f"; signed distance equal to numpy on {m['exact_cases']} masks")
 text = out / "text.json"
 if text.exists():
     t = json.loads(text.read_text())

@@ -31,6 +31,7 @@ def test_dry_run_plans_install_bench_and_comfy(tmp_path):
     assert "--device cuda --dtype auto --size 512 --batch 8" in bench
     assert "--compile --json" in bench  # eager vs compiled, with CUDA graphs (inductor)
     assert any("bench/text_to_mask.py --device cuda" in line for line in lines)
+    assert any("bench/softening_device.py --device cuda --size 512 --batch 8" in line for line in lines)
     assert any("make_test_comfy_models.py --size full" in line for line in lines)
     assert any("compare_comfyui.py" in line and "--device cuda" in line for line in lines)
     assert any("bench/comfy_text.py --device cuda" in line for line in lines)
