@@ -106,8 +106,8 @@ KNOBS: Tuple[Knob, ...] = (
          "the background 1 everywhere, 0^0 included), at most 100 (beyond, the background is already ~0 wherever "
          "a class has any probability).", min=0.0, max=100.0, rule=_positive_rule),
     # Engine.
-    Knob("dtype", "choice", "auto", "Model dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, "
-         "else float32.", choices=DTYPE_CHOICES),
+    Knob("dtype", "choice", "auto", "Model dtype; auto: bfloat16 on CPUs where it is fast (AMX, AMD AVX512-BF16), "
+         "float16 on CUDA, else float32.", choices=DTYPE_CHOICES),
     Knob("device", "optional_str", None, "cpu, cuda, cuda:1 ... (default: cuda if available); checked to exist "
          "before any model loads (loading.precision.check_device, by the commands).")
 )

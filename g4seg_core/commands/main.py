@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="per-stage time and memory on a full-size SD2.1-architecture model")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="default auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on CUDA, else float32")
+                   help="default auto: bfloat16 on CPUs where it is fast (AMX, AMD AVX512-BF16), float16 on CUDA, else float32")
     p.add_argument("--reference", default="float32", choices=("float32", "none"),
                    help="when the dtype is not float32, also run float32 on the same weights in the same run: "
                         "time ratio per stage and agreement of the outputs (default float32; none skips it)")

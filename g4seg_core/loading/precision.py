@@ -1,7 +1,8 @@
 """The dtype the models compute in: what `auto` picks, and which explicit choices cannot work.
 
-auto: bfloat16 on CPUs with native bf16 dot products (AVX512-BF16 or AMX-BF16: SD's
-convolutions and matmuls run about twice as fast as in float32), float16 on CUDA GPUs
+auto: bfloat16 on CPUs where it measured faster than float32 (AMX-BF16, or an AMD CPU with
+AVX512-BF16: SD's convolutions and matmuls about twice as fast; an Intel CPU with AVX512-BF16
+but no AMX ran bfloat16 slower, bf16_verdict), float16 on CUDA GPUs
 (bfloat16 for SDXL on GPUs with native bf16: its VAE overflows in float16 and would
 otherwise fall back to float32), float32 anywhere else.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -28,7 +30,6 @@ log = logging.getLogger("g4seg")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMES = {v: k for k, v in DTYPES.items()}
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     return NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> Optional[set]:
+def _cpuinfo(path: str = "/proc/cpuinfo") -> Tuple[Optional[str], Optional[set]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; (None, None) where there is none."""
     try:
         text = Path(path).read_text()
     except OSError:
-        return None
+        return None, None
+    vendor, flags = None, None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id" and vendor is None:
+            vendor = value.strip()
+        elif key.strip() == "flags" and flags is None:
+            flags = set(value.split())
+    return vendor, flags
+
+
+def bf16_verdict(vendor: Optional[str], flags: set) -> Tuple[bool, str]:
+    """(fast, why) for a CPU's vendor and feature flags: is oneDNN's bfloat16 faster than float32 there?
+
+    Measured with SD2.1 at 512x512 on 2 cores (docs/BENCHMARKS.md): an AMD EPYC with avx512_bf16 runs bfloat16 in
+    0.48-0.53 of the float32 time; an Intel Xeon with avx512_bf16 but no AMX (an Emerald Rapids VM whose hypervisor
+    hides AMX) in 1.13 of it (its bf16 dot products have half the FMA throughput); Xeons with AMX-BF16 were
+    measured faster in bfloat16 (VAE decode 14.5 -> 6.9 s)."""
+    if "amx_bf16" in flags:
+        return True, "CPU has amx_bf16"
+    if "avx512_bf16" not in flags:
+        return False, "CPU lacks amx_bf16 and avx512_bf16 (bfloat16 would be emulated, slower than float32)"
+    if vendor == "AuthenticAMD":
+        return True, "AMD CPU with avx512_bf16"
+    return False, (f"CPU has avx512_bf16 but no amx_bf16 ({vendor or 'vendor unknown'}): bfloat16 measured slower "
+                   "than float32 on such a CPU")
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,17 +84,14 @@ def cpu_bf16_support() -> Tuple[bool, str]:
     """(fast, why): does this CPU run bfloat16 natively, so that oneDNN's bf16 kernels beat float32?"""
     if not torch.backends.mkldnn.is_available():
         return False, "this PyTorch build has no oneDNN (its bf16 CPU kernels)"
-    flags = _cpuinfo_flags()
+    vendor, flags = _cpuinfo()
     if flags is not None:
-        found = [f for f in CPU_BF16_FLAGS if f in flags]
-        if found:
-            return True, f"CPU has {' and '.join(found)}"
-        return False, f"CPU lacks {' and '.join(CPU_BF16_FLAGS)} (bfloat16 would be emulated, slower than float32)"
-    # no /proc/cpuinfo (macOS, Windows): PyTorch's own CPU feature probe
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if probe is not None and probe():
-        return True, "CPU has avx512_bf16 (PyTorch's CPU probe)"
-    return False, "no native bfloat16 found on this CPU"
+        return bf16_verdict(vendor, flags)
+    # no /proc/cpuinfo (macOS, Windows): PyTorch's own CPU feature probes, the vendor from the platform
+    probes = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    flags = {name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()}
+    vendor = "AuthenticAMD" if "AMD" in platform.processor().upper() else None
+    return bf16_verdict(vendor, flags)
 
 
 def _cuda_native_bf16(device: torch.device) -> bool:
@@ -154,7 +174,7 @@ def resolve_dtype(requested: Union[str, torch.dtype, DtypeChoice, None], device:
     dtype = DTYPES[requested]
     if device.type == "cpu" and dtype == torch.float16:
         raise G4SegError("dtype float16 on CPU: PyTorch's CPU float16 kernels are many times slower than float32; "
-                         "use --dtype bfloat16 (fast on CPUs with AVX512-BF16/AMX), --dtype float32, "
+                         "use --dtype bfloat16 (fast on CPUs with AMX, or AMD CPUs with AVX512-BF16), --dtype float32, "
                          "--dtype auto, or --device cuda")
     if device.type == "cpu" and dtype == torch.bfloat16:
         fast, why = cpu_bf16_support()
