@@ -34,6 +34,8 @@ if softening.exists():
             for key, row in m.items() if isinstance(row, dict)]
     print(f"masks prepared on {m['device']} ({m['size']}², numpy one by one -> batched on the device): "
           + "; ".join(rows) + f"; signed distance equal to numpy on {m['exact_cases']} masks")
+else:
+    print("masks prepared on the device: no numbers (bench/softening_device.py failed or did not run: see its output)")
 text = out / "text.json"
 if text.exists():
     t = json.loads(text.read_text())

@@ -232,3 +232,25 @@ def test_images_are_checked_on_the_host_and_moved_before_their_resize():
     assert image_to_tensor(image.astype(np.float32) / 255, "meta").device.type == "meta"
     with pytest.raises(G4SegError, match="NaN"):
         image_to_tensor(np.full((5, 7, 3), np.nan, np.float32), "meta")
+
+
+@pytest.mark.parametrize("mode", ["densediffusion", "additive"])
+def test_what_layers_share_follows_timestep_and_dtype(mode, monkeypatch):
+    """One batch over several sampler steps (ComfyUI keeps it with the patched MODEL) and layers of two dtypes:
+    each call equals a fresh batch's, so what is shared is keyed by all it depends on; the row inputs of an
+    earlier timestep are dropped when the timestep changes."""
+    monkeypatch.setattr(injection, "_select_rows_on", lambda device: False)  # the accelerator path
+    config = G4SegConfig(emi_mode=mode, emi_schedule="t5", cross_weight=2.0)
+    fresh = lambda: InjectionBatch.from_config(_masks(), [[5], [2, 3], [7]], config)  # noqa: E731
+    kept = fresh()
+    q, k, v = _qkv(3, 64, 77)
+    layout = dict(kind="cross", grid=(8, 8), image_of_row=(0, 1, 2), active=(True,) * 3)
+    for timestep in (300.0, 900.0, 300.0):
+        for dtype in (torch.float32, torch.bfloat16):
+            args = [x.to(dtype) for x in (q, k, v)]
+            got = kept.attention(*args, HEADS, timestep=timestep, **layout)
+            want = fresh().attention(*args, HEADS, timestep=timestep, **layout)
+            assert torch.equal(got, want), (timestep, dtype)
+        assert {key[6] for key in kept._cache if key[0] == "rows"} == {timestep}
+    with_t5 = kept.attention(q, k, v, HEADS, timestep=900.0, **layout)
+    assert not torch.allclose(with_t5, kept.attention(q, k, v, HEADS, timestep=300.0, **layout), atol=1e-4)

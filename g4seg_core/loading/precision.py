@@ -90,7 +90,7 @@ def cpu_bf16_support() -> Tuple[bool, str]:
     # no /proc/cpuinfo (macOS, Windows): PyTorch's own CPU feature probes, the vendor from the platform
     probes = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
     flags = {name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()}
-    vendor = "AuthenticAMD" if "AMD" in platform.processor().upper() else None
+    vendor = "AuthenticAMD" if "AUTHENTICAMD" in platform.processor().upper() else None  # not "AMD64": any x86-64
     return bf16_verdict(vendor, flags)
 
 

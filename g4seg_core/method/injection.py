@@ -332,13 +332,15 @@ class InjectionSettings:
 
 
 class InjectionBatch:
-    """The injection of one UNet call: a mask and class tokens per image, knobs per image, on the device.
+    """The injection of one set of images: a mask and class tokens per image, knobs per image, on the device.
 
     Attention row r of a call belongs to image `image_of_row[r]` and is modulated when `active[r]`
     (the conditional rows under CFG); both are host tuples the caller knows from the batch layout.
-    What a layer needs (tokens at its grid, class-token indicators, weights) is built once per call
-    shape and cached, so the attention layers read no device value on the host and run one call
-    for the whole batch (batched_attention).
+    What a layer needs (tokens at its grid, class-token indicators, weights, what batched_attention
+    derives from them) is built once per call shape and cached, so the attention layers read no device
+    value on the host and run one call for the whole batch (batched_attention). The flow uses a batch
+    for one UNet call; in ComfyUI one lives as long as the patched MODEL, over every sampler step, so
+    the per-row inputs of earlier timesteps are dropped when the timestep changes (row_inputs).
     """
 
     def __init__(self, masks, token_positions: Sequence[Sequence[int]], *, modes: Sequence[str],
@@ -421,6 +423,9 @@ class InjectionBatch:
         batched_attention; `derived` is the dict its layers share for what they build from these inputs."""
         key = ("rows", kind, tuple(grid), num_keys, image_of_row, active, float(timestep), str(device))
         if key not in self._cache:
+            # A sampler visits each timestep once: what other timesteps built (a few MB per step on a GPU) goes.
+            for old in [k for k in self._cache if k[0] == "rows" and k[6] != key[6]]:
+                del self._cache[old]
             if kind not in ("self", "cross"):
                 raise G4SegError(f"attention kind {kind!r}: use 'self' or 'cross'")
             if any(not 0 <= i < len(self) for i in image_of_row):
