@@ -15,33 +15,20 @@ per (batch, mode): bare, injected, extra per attention layer, and the most frequ
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from g4seg_core.commands.bench import OperatorCount  # noqa: E402
 from g4seg_core.config import EMI_MODES, G4SegConfig  # noqa: E402
 from g4seg_core.method.injection import InjectionBatch  # noqa: E402
 from g4seg_core.models.components import build_unet  # noqa: E402
 from g4seg_core.models.diffusers_patch import InjectionState, injected  # noqa: E402
 from g4seg_core.models.families import family_configs  # noqa: E402
 from g4seg_core.models.tiny import tiny_configs  # noqa: E402
-
-
-class OperatorNames(TorchDispatchMode):
-    """Counts each aten operator dispatched inside `with OperatorNames() as ops:` by name (ops.counts)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket).replace("aten.", "")] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_call(unet, batch: int, size: int, mode: str, dtype: torch.dtype = torch.float16) -> dict:
@@ -57,18 +44,17 @@ def count_call(unet, batch: int, size: int, mode: str, dtype: torch.dtype = torc
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, pooled, device="meta", dtype=dtype),
                                        "time_ids": torch.zeros(batch, 6, device="meta", dtype=dtype)}
     with torch.no_grad():
-        with OperatorNames() as bare:
+        with OperatorCount() as bare:
             unet(latents, timestep, encoder_hidden_states=hidden, **kwargs)
         masks = torch.zeros(batch, size, size, device="meta")
         injection = InjectionBatch.from_config(masks, [[5 + i % 3] for i in range(batch)], G4SegConfig(emi_mode=mode))
         with injected(unet, InjectionState(injection, (latent, latent), 400.0)):
-            with OperatorNames() as with_mask:
+            with OperatorCount() as with_mask:
                 unet(latents, timestep, encoder_hidden_states=hidden, **kwargs)
     layers = len(unet.attn_processors)
-    extra = with_mask.counts - bare.counts
-    return {"batch": batch, "mode": mode, "bare": sum(bare.counts.values()), "injected": sum(with_mask.counts.values()),
-            "attention_layers": layers, "extra_per_layer": (sum(with_mask.counts.values()) - sum(bare.counts.values()))
-            / layers, "top_extra": extra.most_common(8)}
+    return {"batch": batch, "mode": mode, "bare": bare.count, "injected": with_mask.count, "attention_layers": layers,
+            "extra_per_layer": (with_mask.count - bare.count) / layers,
+            "top_extra": (with_mask.names - bare.names).most_common(8)}
 
 
 def main(argv=None) -> int:

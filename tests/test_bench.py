@@ -86,3 +86,24 @@ def test_compile_is_refused_on_the_cpu_with_the_fix(tmp_path, capsys, monkeypatc
     assert "--compile needs a CUDA device" in err and "Drop --compile" in err
     with pytest.raises(Exception, match="--compile needs a CUDA device"):
         G4SegPipeline.tiny().compile()
+
+
+def test_unet_operators_counts_what_the_injection_adds(capsys):
+    """bench/unet_operators.py on the tiny UNet (meta device): the injected call dispatches more than the bare one,
+    densediffusion more than additive."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "unet_operators.py"
+    spec = importlib.util.spec_from_file_location("unet_operators", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--family", "tiny", "--size", "64", "--batch", "1"]) == 0
+    from g4seg_core.models.components import build_unet
+    from g4seg_core.models.tiny import tiny_configs
+
+    with torch.device("meta"):
+        unet = torch.nn.Module.to(build_unet(tiny_configs("sd21")["unet"]), torch.float16)
+    dense, additive = (module.count_call(unet, 2, 64, mode) for mode in ("densediffusion", "additive"))
+    assert dense["injected"] > additive["injected"] > additive["bare"] == dense["bare"] > 0
+    assert "batch 1, densediffusion" in capsys.readouterr().out

@@ -126,20 +126,26 @@ def _bare_sum(times: Dict[str, float]) -> float:
 
 
 class OperatorCount:
-    """Counts the torch operators dispatched inside `with OperatorCount() as ops:` (ops.count): each aten
-    call that reaches a kernel, after autograd and composite decomposition, on any device."""
+    """Counts the torch operators dispatched inside `with OperatorCount() as ops:` (ops.count; ops.names: a
+    Counter by operator name): each aten call that reaches a kernel, after autograd and composite
+    decomposition, on any device."""
+
+    @property
+    def count(self) -> int:
+        return sum(self.names.values())
 
     def __enter__(self):
+        import collections
+
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        counter = self
+        names = self.names = collections.Counter()
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.count += 1
+                names[str(func.overloadpacket).replace("aten.", "")] += 1
                 return func(*args, **(kwargs or {}))
 
-        self.count = 0
         self._mode = _Mode()
         self._mode.__enter__()
         return self

@@ -206,15 +206,10 @@ def prepare_images(backend: Backend, images: Sequence, config: G4SegConfig, timi
     return [contexts[unique[id(image)]] for image in images]
 
 
-def prepare_mask(mask, context: ImageContext, config: G4SegConfig) -> Tuple[np.ndarray, str]:
-    """Validate, check the framing against the image, soften a binary mask: (prob at mask size, description)."""
-    groups, descriptions = prepare_masks([mask], [context], config, "cpu")
-    return groups[0][1][0].numpy(), descriptions[0]
-
-
 def prepare_masks(masks: Sequence, contexts: Sequence[ImageContext], config: G4SegConfig,
                   device) -> Tuple[List[Tuple[List[int], torch.Tensor]], List[str]]:
-    """prepare_mask for a batch on `device`: ([(rows, their maps [n, H, W])] per mask size, descriptions).
+    """Validate each mask, check its framing against its image, soften the binary ones, on `device`:
+    ([(rows, their maps [n, H, W])] per mask size, one description per mask).
 
     The one validation of the flow: the masks of one size go to the device together, are checked there
     (one host sync for the batch) and softened there as a batch."""
@@ -263,7 +258,7 @@ def refine_batch(backend: Backend, images: Sequence, masks: Sequence, labels, co
         latents = torch.cat([c.latent for c in contexts])
         injection = None
         if config.emi_mode != "off":
-            masks = torch.empty(batch, *work_hw, device=latents.device)
+            masks = torch.empty(batch, *work_hw, device=backend.device)  # where prepare_masks put the maps
             for rows, maps in groups:
                 masks[rows] = resize_maps(maps, work_hw, mode="bilinear")
             injection = InjectionBatch.from_config(masks, positions, config)
